@@ -1,0 +1,37 @@
+"""Hydra's Sweeper plugin interface for lenet_sweep's Optuna sweep (logic in lenet_sweep.sweep)."""
+
+from typing import Any
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from lenet_sweep.errors import UserError, exit_with
+
+
+class LenetOptunaSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+
+    def sweep(self, arguments: list[str]) -> None:
+        from lenet_sweep.sweep import OptunaSweep, settings_from
+
+        try:
+            sweep = OptunaSweep(
+                settings_from(self.settings),
+                self.config,
+                self.launcher,
+                self.config.hydra.sweep.dir,
+            )
+            sweep.run(arguments)
+        except UserError as e:
+            exit_with(e, code=1)

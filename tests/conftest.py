@@ -1,0 +1,83 @@
+"""Shared fixtures: configs composed once per call, small real data, one MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lenet_sweep import CONFIG_DIR, PROJECT_ROOT
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+# A slice of the real data: enough to learn something in one or two epochs on 2 cores.
+SMALL = ["data.train_size=2048", "data.test_size=512", "epochs=1", "progress=false", "device=cpu"]
+
+
+def pytest_configure(config):
+    if not FASHION.is_dir():
+        raise pytest.UsageError(
+            f"{FASHION} is missing: apt-get install dataset-fashion-mnist (tests use the real data)"
+        )
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite store for the session (creating one costs seconds); tests use own experiments."""
+    from lenet_sweep import tracking
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    tracking.prepare_experiment(uri, "warmup")
+    return uri
+
+
+@pytest.fixture
+def experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_cfg(mlflow_uri, experiment):
+    """compose(overrides) with the small-data defaults and the session's MLflow store."""
+
+    def _make(*overrides: str):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[
+                    *SMALL,
+                    f"mlflow.tracking_uri={mlflow_uri}",
+                    f"mlflow.experiment={experiment}",
+                    *overrides,
+                ],
+            )
+
+    return _make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
+    """`python -m lenet_sweep ARGS` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or PROJECT_ROOT,
+    )
+
+
+def runs_of(mlflow_uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

@@ -1,0 +1,92 @@
+"""The Hydra task and the CLI: what a user runs, read back from the MLflow store."""
+
+import math
+
+import pytest
+
+from lenet_sweep import app
+from tests.conftest import SMALL, run_cli, runs_of
+
+
+def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
+    value = app.run(make_cfg("epochs=2", "lr=0.5"))
+    client, runs = runs_of(mlflow_uri, experiment)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.5" and run.data.params["optimizer.lr"] == "0.5"
+    assert run.data.params["model._target_"] == "lenet_sweep.models.lenet"
+    assert run.data.params["data.train_size"] == "2048"
+    for key in ("train_loss", "train_acc", "test_acc"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2]
+    test_acc = client.get_metric_history(run.info.run_id, "test_acc")[-1].value
+    assert value == pytest.approx(test_acc) and isinstance(value, float)
+    assert run.data.metrics["examples_per_sec"] > 0 and run.data.metrics["train_time_s"] > 0
+    assert run.data.tags["device"] == "cpu"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "training_curves.png"} <= artifacts
+    png = client.download_artifacts(run.info.run_id, "training_curves.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_that_raises_ends_failed(make_cfg, mlflow_uri, experiment, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(app, "train", boom)
+    with pytest.raises(RuntimeError):
+        app.run(make_cfg())
+    _, runs = runs_of(mlflow_uri, experiment)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["error"] == "RuntimeError: disk on fire"
+
+
+def test_config_composition_and_overrides(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.lr, cfg.batch_size, cfg.device) == (0.9, 256, "cpu")
+    assert cfg.model.activation == "sigmoid" and cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.lr == 0.9
+    cfg = make_cfg("model=lenet_relu", "optimizer=adam", "lr=0.001")
+    assert cfg.model.pool == "max" and cfg.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.optimizer.lr == 0.001  # ${lr} follows the top-level knob
+
+
+def test_cli_prints_seed_lines_and_returns_zero(tmp_path, mlflow_uri, experiment):
+    proc = run_cli(
+        *SMALL,
+        "epochs=2",
+        f"hydra.run.dir={tmp_path}",
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"mlflow.experiment={experiment}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "training on cpu" in out
+    assert "epoch 2/2: train loss" in out
+    lines = out.strip().splitlines()
+    loss_line, speed_line = lines[-2], lines[-1]
+    assert (
+        loss_line.startswith("loss ") and ", train acc " in loss_line and ", test acc " in loss_line
+    )
+    assert speed_line.endswith(" examples/sec on cpu")
+    assert float(speed_line.split()[0]) > 0
+    _, runs = runs_of(mlflow_uri, experiment)
+    assert runs[0].data.tags["hydra.output_dir"] == str(tmp_path)
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    final = float(loss_line.rsplit(" ", 1)[1])
+    assert math.isclose(final, runs[0].data.metrics["test_acc"], abs_tol=6e-4)
+
+
+def test_cli_cfg_job_and_help():
+    proc = run_cli("--cfg", "job", "lr=0.3")
+    assert (
+        proc.returncode == 0
+        and "lr: 0.3" in proc.stdout
+        and "_target_: torch.optim.SGD" in proc.stdout
+    )
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for group in ("model: lenet, lenet_relu", "optimizer: adam, sgd", "data: fashion_mnist, mnist"):
+        assert group in proc.stdout

@@ -1,0 +1,62 @@
+import hydra
+import torch
+
+from lenet_sweep.data import load_split
+from lenet_sweep.models import init_xavier
+from lenet_sweep.train import train
+
+
+def _train(cfg, **kw):
+    device = torch.device("cpu")
+    train_split = load_split(cfg.data, train=True, device=device)
+    test_split = load_split(cfg.data, train=False, device=device)
+    torch.manual_seed(cfg.seed)
+    net = hydra.utils.instantiate(cfg.model)
+    net.apply(init_xavier)
+    opt = hydra.utils.instantiate(cfg.optimizer)(net.parameters())
+    return train(
+        net,
+        opt,
+        train_split,
+        test_split,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        progress=False,
+        **kw,
+    )
+
+
+def test_training_learns_and_metrics_are_sample_weighted(make_cfg):
+    cfg = make_cfg(
+        "model=lenet_relu",
+        "optimizer=adam",
+        "lr=0.003",
+        "epochs=2",
+        "data.train_size=4000",
+        "batch_size=300",
+    )
+    result = _train(cfg)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.final["test_acc"] > 0.6
+    # 4000 = 13 full batches of 300 + one of 100: accuracy is a multiple of 1/4000
+    assert abs(result.final["train_acc"] * 4000 - round(result.final["train_acc"] * 4000)) < 1e-6
+    assert result.examples_seen == 8000 and result.train_time_s > 0
+
+
+def test_fixed_seed_gives_identical_metrics_on_cpu(make_cfg):
+    cfg = make_cfg("epochs=2", "data.train_size=1024", "data.test_size=256")
+    first, second = _train(cfg), _train(cfg)
+    assert first.history == second.history
+    other = _train(make_cfg("epochs=2", "data.train_size=1024", "data.test_size=256", "seed=7"))
+    assert other.history != first.history
+
+
+def test_on_epoch_sees_every_epoch(make_cfg):
+    seen = []
+    _train(
+        make_cfg("epochs=3", "data.train_size=512"), on_epoch=lambda s, r: seen.append(s["epoch"])
+    )
+    assert seen == [1, 2, 3]

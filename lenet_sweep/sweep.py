@@ -320,6 +320,16 @@ class OptunaSweep:
         ]
         return overrides
 
+    @staticmethod
+    def _record(study, trial, **kwargs) -> None:
+        try:
+            study.tell(trial, **kwargs)
+        except RuntimeError as e:
+            # GridSampler calls study.stop() once the grid is covered, which raises outside
+            # optimize(); the state is stored by then (Optuna writes it in a finally).
+            if "Study.stop" not in str(e):
+                raise
+
     def _tell(self, study, trial, ret: JobReturn) -> str:
         """Record one job's end in the study; returns the trial's final state name."""
         error: BaseException | None = None
@@ -335,16 +345,16 @@ class OptunaSweep:
         else:
             error = ret._return_value
         if isinstance(error, optuna.TrialPruned):
-            study.tell(trial, state=TrialState.PRUNED)
+            self._record(study, trial, state=TrialState.PRUNED)
             log.info("trial %d pruned (%s)", trial.number, error)
             return "PRUNED"
         if error is not None:
             reason = f"{type(error).__name__}: {tracking.mask_url(str(error))}"[:500]
             study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
-            study.tell(trial, state=TrialState.FAIL)
+            self._record(study, trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, reason)
             return "FAIL"
-        study.tell(trial, values=[value])
+        self._record(study, trial, values=[value])
         return "COMPLETE"
 
     def run(self, arguments: list[str]) -> None:

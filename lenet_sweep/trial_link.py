@@ -15,8 +15,8 @@ STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # set by the sweeper for its jobs
 
 
 class TrialLink:
-    def __init__(self, storage: str, study_name: str, number: int):
-        self.study = optuna.load_study(study_name=study_name, storage=storage)
+    def __init__(self, storage: str, study_name: str, number: int, pruner=None):
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
         storage_obj = self.study._storage  # the public BaseStorage API is used from here on
         self.trial_id = storage_obj.get_trial_id_from_study_id_trial_number(
             self.study._study_id, number
@@ -33,7 +33,7 @@ class TrialLink:
             raise RuntimeError(
                 f"trial.number is set but no storage: set trial.storage or ${STORAGE_ENV}"
             )
-        return cls(str(storage), str(trial_cfg.study_name), int(trial_cfg.number))
+        return cls(str(storage), str(trial_cfg.study_name), int(trial_cfg.number), _sweep_pruner())
 
     def set_attr(self, key: str, value) -> None:
         self.study._storage.set_trial_user_attr(self.trial_id, key, value)
@@ -42,3 +42,19 @@ class TrialLink:
         """Report one epoch's objective; True when the pruner says stop."""
         self.trial.report(value, step=epoch)
         return self.trial.should_prune()
+
+
+def _sweep_pruner() -> optuna.pruners.BasePruner:
+    """The sweeper's pruner, rebuilt from hydra.sweeper.pruner in the job's own config.
+
+    Pruning is decided here, in the job, so the job needs the same pruner the study was made
+    with; Optuna does not store pruners.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    if HydraConfig.initialized():
+        pruner_cfg = HydraConfig.get().sweeper.get("pruner")
+        if pruner_cfg:
+            return instantiate(pruner_cfg)
+    return optuna.pruners.NopPruner()

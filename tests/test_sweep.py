@@ -1,0 +1,165 @@
+"""Sweeps as users run them (`python -m lenet_sweep -m`), read back from Optuna and MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from lenet_sweep import tracking
+from tests.conftest import SMALL, run_cli, runs_of
+
+
+@pytest.fixture
+def sweep(tmp_path, mlflow_uri, experiment):
+    """Runs `-m` sweeps against a fresh study store and this test's MLflow experiment."""
+    tracking.prepare_experiment(mlflow_uri, experiment)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    class Sweep:
+        def __init__(self):
+            self.storage, self.dir, self.study_name = storage, tmp_path / "multirun", "s"
+
+        def args(self, *extra: str) -> list[str]:
+            return ["-m", *SMALL, f"hydra.sweeper.storage={storage}",
+                    f"hydra.sweeper.study_name={self.study_name}", f"hydra.sweep.dir={self.dir}",
+                    f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}",
+                    *extra]  # fmt: skip
+
+        def run(self, *extra: str, timeout: int = 600):
+            return run_cli(*self.args(*extra), timeout=timeout)
+
+        def trials(self):
+            study = optuna.load_study(study_name=self.study_name, storage=storage)
+            return study.get_trials(deepcopy=False)
+
+        def runs(self):
+            _, runs = runs_of(mlflow_uri, experiment)
+            parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            return parents, children
+
+    return Sweep()
+
+
+def test_sweep_records_study_parent_and_children(sweep):
+    proc = sweep.run("hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))",
+                     "epochs=range(1, 3)")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(0.01 <= t.params["lr"] <= 2.0 and t.params["epochs"] in (1, 2) for t in trials)
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert (
+        parent.data.params["study_name"] == "s"
+        and "FloatDistribution" in parent.data.params["search_space"]
+    )
+    best = max(trials, key=lambda t: t.value)
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["best.lr"] == str(best.params["lr"])
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    for trial in trials:
+        child = by_number[trial.number]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.run_name.startswith(f"t{trial.number:03d} lr=")
+        assert child.data.metrics["test_acc"] == pytest.approx(trial.value)
+        assert child.data.params["epochs"] == str(trial.params["epochs"])
+        assert child.info.status == "FINISHED"
+    results = yaml.safe_load((sweep.dir / "optimization_results.yaml").read_text())
+    assert (
+        results["best_value"] == pytest.approx(best.value) and results["best_params"] == best.params
+    )
+    assert f"best trial {best.number}" in proc.stderr + proc.stdout
+    assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    # n_trials is the total: the same command again runs nothing more.
+    again = sweep.run(
+        "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
+    )
+    assert again.returncode == 0 and len(sweep.trials()) == 3 and len(sweep.runs()[1]) == 3
+
+
+def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
+    args = sweep.args("hydra.sweeper.n_trials=4", "epochs=6", "lr=interval(0.1, 1.0)")
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            trials = sweep.trials()
+        except Exception:  # study not created yet
+            continue
+        if any(t.number == 1 and t.intermediate_values for t in trials):
+            break  # trial 1 has finished an epoch: kill it mid-trial
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [t.state for t in sweep.trials()][:2] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    rerun = sweep.run("hydra.sweeper.n_trials=4", "epochs=6", "lr=interval(0.1, 1.0)")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # numbers continue, no duplicates
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
+    assert trials[1].state == TrialState.FAIL  # the killed one, failed before new ones started
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    statuses = {int(r.data.tags["optuna.trial_number"]): r.info.status for r in children}
+    assert statuses == {0: "FINISHED", 1: "KILLED", 2: "FINISHED", 3: "FINISHED", 4: "FINISHED"}
+    assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "4"]
+
+
+def test_pruned_trial_stops_early_and_is_marked(sweep):
+    proc = sweep.run("hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=threshold",
+                     "hydra.sweeper.pruner.lower=0.3", "model=lenet_relu", "optimizer=adam",
+                     "lr=choice(0.003, 0.0000001)", "epochs=3")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = {t.params["lr"]: t.state for t in sweep.trials()}
+    assert states == {0.003: TrialState.COMPLETE, 1e-07: TrialState.PRUNED}
+    _, children = sweep.runs()
+    pruned = [r for r in children if r.data.tags.get("optuna.trial_state") == "PRUNED"]
+    assert len(pruned) == 1 and pruned[0].data.tags["pruned_at_epoch"] == "1"
+    assert pruned[0].data.metrics["epochs_run"] == 1
+
+
+def test_all_failing_sweep_exits_nonzero_with_one_line(sweep):
+    proc = sweep.run("hydra.sweeper.n_trials=2", "lr=interval(0.1, 1.0)", "data.root=/no/such/dir",
+                     "hydra.sweeper.max_failure_rate=1.0")  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sweep s: no trial completed (2 fail;"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert "no such directory" in trials[0].user_attrs["fail_reason"]
+    parents, children = sweep.runs()
+    assert [p.info.status for p in parents] == ["FAILED"] and children == []
+
+
+def test_max_failure_rate_stops_the_sweep(sweep):
+    proc = sweep.run("hydra.sweeper.n_trials=5", "lr=interval(0.1, 1.0)", "data.root=/no/such/dir")
+    assert proc.returncode == 1
+    assert len(sweep.trials()) == 1  # 1 of 1 failed > 0.5: stopped, not 5 failures
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_batches_in_processes(sweep):
+    proc = sweep.run("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                     "hydra.sweeper.n_trials=4", "lr=interval(0.1, 1.0)")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    pids = {t.user_attrs["worker_pid"] for t in trials}
+    assert len(pids) == 1  # asked by the one sweep process; trained in joblib's workers
+    _, children = sweep.runs()
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2, 3]

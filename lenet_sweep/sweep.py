@@ -87,19 +87,26 @@ def open_storage(
     """The study's RDB storage, with heartbeats so a crashed worker's trials can be failed."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    except Exception as e:  # noqa: BLE001 - driver errors vary: connection refused, bad URL...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"Optuna storage {tracking.mask_url(url)} is not reachable ({type(e).__name__}: "
-            f"{tracking.mask_url(first)}); start the database or fix hydra.sweeper.storage"
-        ) from e
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except Exception as e:  # noqa: BLE001 - driver errors vary: connection refused, bad URL...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            # Workers starting together race to create Optuna's tables: the loser retries.
+            racing = any(w in first for w in ("already exists", "duplicate key", "UNIQUE"))
+            if racing and attempt < 4:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise UserError(
+                f"Optuna storage {tracking.mask_url(url)} is not reachable ({type(e).__name__}: "
+                f"{tracking.mask_url(first)}); start the database or fix hydra.sweeper.storage"
+            ) from e
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

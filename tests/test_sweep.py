@@ -163,3 +163,50 @@ def test_joblib_launcher_runs_batches_in_processes(sweep):
     assert len(pids) == 1  # asked by the one sweep process; trained in joblib's workers
     _, children = sweep.runs()
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def postgres_url():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.postgres import PostgresServer
+
+    # Not under pytest's tmp dir: that one is private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
+    server = PostgresServer(root)
+    try:
+        yield server.start(password="s3cret-pw")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgres_study(sweep, postgres_url):
+    args = sweep.args("hydra.sweeper.n_trials=8", "lr=interval(0.1, 1.0)", "data.train_size=4096",
+                      f"hydra.sweeper.storage={postgres_url}")  # fmt: skip
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args, f"hydra.sweep.dir={sweep.dir}-{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    study = optuna.load_study(study_name=sweep.study_name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(8))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both workers did trials
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == list(range(8))
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    # the password reaches neither the logs nor MLflow
+    assert all("s3cret-pw" not in out for out in outputs)
+    assert "lenet:***@127.0.0.1" in parents[0].data.params["storage"]
+    for run in [*parents, *children]:
+        assert not any(
+            "s3cret-pw" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()]
+        )

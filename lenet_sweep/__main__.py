@@ -1,13 +1,20 @@
 """`python -m lenet_sweep [overrides]`: the Hydra entry point."""
 
+import os
+import signal
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from lenet_sweep import CONFIG_DIR
 from lenet_sweep.app import run
 from lenet_sweep.errors import UserError, exit_with
+from lenet_sweep.signals import Terminated
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -21,5 +28,19 @@ def main(cfg: DictConfig) -> float:
         exit_with(e)
 
 
+def cli() -> None:
+    # Hydra prints its own errors (unknown key, missing option) over several lines with a
+    # traceback hint; with HYDRA_FULL_ERROR set it raises them instead, and we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        exit_with(e)
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, "
+                         "checkpoint kept; rerun with resume=<run dir> to continue\n")  # fmt: skip
+        sys.exit(128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -95,7 +95,11 @@ def _download(data_cfg) -> Path:
     return cache / data_cfg.torchvision_class / "raw"
 
 
-def _decompressed(path: Path) -> tuple[Path, str]:
+def _expected(sha: str | None) -> str:
+    return f"expected SHA-256 {sha} once decompressed" if sha else "expected an idx file"
+
+
+def _decompressed(path: Path, expected_sha: str | None) -> tuple[Path, str]:
     """Plain idx file for `path` (gz files are decompressed once into the cache) and its SHA-256."""
     if path.suffix != ".gz":
         return path, hashlib.sha256(path.read_bytes()).hexdigest()
@@ -103,7 +107,8 @@ def _decompressed(path: Path) -> tuple[Path, str]:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as e:
         raise UserError(
-            f"{path}: not a valid gzip file ({e}); replace it with the original idx file"
+            f"{path}: truncated or not gzip ({e}); {_expected(expected_sha)}: "
+            "replace it with the original file"
         ) from e
     digest = hashlib.sha256(raw).hexdigest()
     target = CACHE_DIR / "idx" / f"{digest}-{path.stem}"
@@ -116,7 +121,7 @@ def _decompressed(path: Path) -> tuple[Path, str]:
 
 
 def _read(path: Path, name: str, expected_sha: str | None) -> torch.Tensor:
-    plain, digest = _decompressed(path)
+    plain, digest = _decompressed(path, expected_sha)
     if expected_sha and digest != expected_sha:
         raise UserError(
             f"{path}: SHA-256 of the decompressed {name} is {digest}, expected {expected_sha}; "
@@ -126,7 +131,10 @@ def _read(path: Path, name: str, expected_sha: str | None) -> torch.Tensor:
     try:
         return reader(str(plain))
     except Exception as e:  # noqa: BLE001 - torchvision raises assorted errors on bad headers
-        raise UserError(f"{path}: not a valid idx file ({e}); replace it with the original") from e
+        raise UserError(
+            f"{path}: not a valid idx file ({e}); {_expected(expected_sha)}: "
+            "replace it with the original file"
+        ) from e
 
 
 def load_split(data_cfg, train: bool, device: torch.device) -> Split:

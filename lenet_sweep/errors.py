@@ -1,18 +1,47 @@
-"""The one exception type users see as a one-line error, and how it is shown."""
+"""The one exception type users see as a one-line error, and how errors are shown."""
 
 import os
 import sys
 
 from hydra.errors import CompactHydraException
 
+from lenet_sweep.masking import mask_url
+
+# The user's own HYDRA_FULL_ERROR, read before the entry point sets it for its own use.
+FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
 
 class UserError(CompactHydraException):
     """Bad input or environment: the message names the problem and the fix."""
 
 
-def exit_with(error: UserError, code: int = 2):
+def one_line(error: BaseException) -> str:
+    """Hydra/OmegaConf's multi-line messages as one line (search paths and key dumps dropped)."""
+    head, options = [], []
+    for raw in str(error).splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith(("Config search path", "provider=", "full_key:", "object_type=",
+                            "reference_type=", "See https://")):  # fmt: skip
+            continue
+        if raw.startswith("\t") and head and head[-1].startswith("Available options"):
+            options.append(line)
+            continue
+        head.append(line.rstrip("."))
+    if options:
+        head[-1] = f"{head[-1].rstrip(':')}: {', '.join(options)}"
+    cause = error.__cause__  # Hydra's own errors keep the useful part in the cause
+    if not isinstance(error, UserError) and cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0].rstrip(".")
+        if first not in head:
+            head.append(first)
+    return mask_url("; ".join(head) or type(error).__name__)
+
+
+def exit_with(error: BaseException, code: int = 2):
     """Print `error: <message>` as one line and exit; HYDRA_FULL_ERROR=1 keeps the traceback."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if FULL_ERROR:
         raise error
-    sys.stderr.write(f"error: {error}\n")
+    sys.stderr.write(f"error: {one_line(error)}\n")
     sys.exit(code)

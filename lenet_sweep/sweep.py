@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import warnings
@@ -30,7 +29,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from lenet_sweep import search_space, tracking
+from lenet_sweep import search_space, signals, tracking
 from lenet_sweep.errors import UserError
 from lenet_sweep.trial_link import STORAGE_ENV
 
@@ -40,7 +39,13 @@ log = logging.getLogger("lenet_sweep.sweep")
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-HOST = socket.gethostname()
+HOST = tracking.HOST
+
+
+class SweepFailed(UserError):
+    """The sweep ran but its trials failed (exit 1; bad input exits 2)."""
+
+
 FAIL_REASON = "fail_reason"  # user attr set on trials that failed by their own doing
 # Trials that count toward n_trials; FAIL ones count only when the job itself failed
 # (a trial failed because its worker died is run again).
@@ -153,22 +158,12 @@ class Heartbeat(threading.Thread):
             self.beat()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def repair_stale_trials(study: optuna.Study, mlflow_uri: str) -> list[int]:
     """Fail trials left RUNNING by dead workers; end their MLflow runs KILLED. Returns numbers."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        same_host_dead = attrs.get("worker_host") == HOST and not _pid_alive(
+        same_host_dead = attrs.get("worker_host") == HOST and not tracking.pid_alive(
             attrs.get("worker_pid", 0)
         )
         if same_host_dead:
@@ -408,17 +403,18 @@ class OptunaSweep:
         states: list[str] = []
         started = time.perf_counter()
         try:
-            while trials := self._ask(study, space, storage):
-                heartbeat.trial_ids = {t._trial_id for t in trials}
-                heartbeat.beat()
-                overrides = [self._overrides(t, space, fixed, parent_run_id) for t in trials]
-                returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-                for trial, ret in zip(trials, returns, strict=True):
-                    states.append(self._tell(study, trial, ret))
-                heartbeat.trial_ids = set()
-                failed = states.count("FAIL")
-                if failed and failed / len(states) > self.settings.max_failure_rate:
-                    break
+            with signals.stop_on_signals():
+                while not signals.check() and (trials := self._ask(study, space, storage)):
+                    heartbeat.trial_ids = {t._trial_id for t in trials}
+                    heartbeat.beat()
+                    overrides = [self._overrides(t, space, fixed, parent_run_id) for t in trials]
+                    returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+                    for trial, ret in zip(trials, returns, strict=True):
+                        states.append(self._tell(study, trial, ret))
+                    heartbeat.trial_ids = set()
+                    failed = states.count("FAIL")
+                    if failed and failed / len(states) > self.settings.max_failure_rate:
+                        break
         except BaseException:
             self._abort(study, heartbeat.trial_ids, parent_run_id)
             raise
@@ -444,7 +440,7 @@ class OptunaSweep:
         ran = f"{len(states)} trial(s) run here in {elapsed:.1f}s"
         if not complete:
             client.set_terminated(parent_run_id, status="FAILED")
-            raise UserError(
+            raise SweepFailed(
                 f"sweep {study.study_name}: no trial completed ({summary}; {ran}); "
                 "see the trials' fail_reason in Optuna or the child runs' error tag in MLflow"
             )
@@ -466,6 +462,16 @@ class OptunaSweep:
         elif not still_running:  # another worker still running: it will end the parent run
             client.set_terminated(parent_run_id, status="FINISHED")
         log.info("sweep %s: %s; %s", study.study_name, summary, ran)
+        here = [t for t in trials if t.user_attrs.get("worker_pid") == os.getpid()]
+        busy = sum(t.user_attrs.get("train_time_s", 0.0) for t in here)
+        if here and busy:
+            log.info(
+                "time in training + evaluation: %.1fs of %.1fs; overhead %.2fs per trial "
+                "(Hydra, Optuna, MLflow, data loading)",
+                busy,
+                elapsed,
+                (elapsed - busy) / len(here),
+            )
         log.info(
             "best trial %d: %s = %.4f with %s",
             best.number,
@@ -475,7 +481,7 @@ class OptunaSweep:
         )
         log.info("results: %s", self.sweep_dir / "optimization_results.yaml")
         if too_many:
-            raise UserError(
+            raise SweepFailed(
                 f"sweep {study.study_name}: {failed} of {len(states)} trials failed, more than "
                 f"max_failure_rate={self.settings.max_failure_rate}; fix the failing trials "
                 "(fail_reason in Optuna) or raise hydra.sweeper.max_failure_rate"

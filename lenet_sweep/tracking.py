@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
+import socket
 import subprocess
 from collections.abc import Mapping
 
@@ -11,19 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
 from lenet_sweep.errors import UserError
+from lenet_sweep.masking import mask_url
 
 # Fail fast on an unreachable tracking server instead of retrying for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
-
-
-def mask_url(url: str | None) -> str | None:
-    """`scheme://user:secret@host` -> `scheme://user:***@host`; anything else unchanged."""
-    if url is None:
-        return None
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(url))
+HOST = socket.gethostname()
 
 
 def default_tracking_uri() -> str:
@@ -70,6 +64,33 @@ def prepare_experiment(uri: str, name: str) -> str:
             f"{mask_url(first_line)}); start the server or set MLFLOW_TRACKING_URI / "
             "mlflow.tracking_uri to a reachable store"
         ) from e
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+def repair_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this host that is gone (kill -9, power loss) -> KILLED."""
+    mlflow_client = client(uri)
+    orphans = []
+    for run in mlflow_client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    ):
+        tags = run.data.tags
+        if tags.get("lenet_sweep.host") == HOST and not pid_alive(
+            int(tags.get("lenet_sweep.pid", 0))
+        ):
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            mlflow_client.set_tag(run.info.run_id, "lenet_sweep.repaired", "process died")
+            orphans.append(run.info.run_id)
+    return orphans
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
@@ -142,26 +163,32 @@ class TrackedRun:
     ):
         self.client = client(uri)
         if run_id is None:
+            tags = {**tags, "lenet_sweep.host": HOST, "lenet_sweep.pid": str(os.getpid())}
             run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
         else:  # resume into the same run
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+            tags = {**tags, "lenet_sweep.host": HOST, "lenet_sweep.pid": str(os.getpid())}
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
-        self.status = "FINISHED"
+        self.status: str | None = None  # set to force an end status (e.g. pruned = FINISHED)
 
     def __enter__(self) -> TrackedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None and self.status == "FINISHED":
-            if issubclass(exc_type, KeyboardInterrupt | SystemExit):
-                self.status = "KILLED"
+        status = self.status
+        if status is None:
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+                status = "KILLED"
             else:
-                self.status = "FAILED"
-            self.set_tags({"error": f"{exc_type.__name__}: {mask_url(str(exc))}"[:5000]})
-        self.client.set_terminated(self.run_id, status=self.status)
+                status = "FAILED"
+            if exc_type is not None:
+                self.set_tags({"error": f"{exc_type.__name__}: {mask_url(str(exc))}"[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
         return False
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -13,16 +13,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lenet_sweep import signals
 from lenet_sweep.data import Split
+from lenet_sweep.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class Diverged(RuntimeError):
-    """The training loss became NaN or inf."""
+class Diverged(UserError):
+    """The training loss became NaN, inf, or larger than the divergence threshold."""
 
-    def __init__(self, epoch: int, loss: float):
-        super().__init__(f"training diverged at epoch {epoch}: train loss {loss}")
+    def __init__(self, epoch: int, loss: float, threshold: float | None = None):
+        limit = "" if threshold is None or not math.isfinite(loss) else f" > {threshold:g}"
+        super().__init__(
+            f"training diverged at epoch {epoch}: train loss {loss:g}{limit}; "
+            "lower lr or change the optimizer"
+        )
         self.epoch, self.loss = epoch, loss
 
 
@@ -33,6 +39,7 @@ class TrainResult:
     )  # one {epoch, train_loss, train_acc, test_acc}
     train_time_s: float = 0.0
     examples_seen: int = 0
+    eval_time_s: float = 0.0
 
     @property
     def final(self) -> dict:
@@ -77,12 +84,15 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[dict, TrainResult], None] | None = None,
     checkpoint_path: Path | None = None,
+    checkpoint_extra: dict | None = None,
     resume: dict | None = None,
+    divergence_threshold: float | None = None,
 ) -> TrainResult:
     """Train for `epochs` epochs as train_ch6 does; `on_epoch` sees each epoch's metrics.
 
     `resume` is a checkpoint dict written by an earlier call: training continues after its
-    epoch with the same RNG streams, so the result equals an uninterrupted run.
+    epoch with the same RNG streams, so the result equals an uninterrupted run. Training stops
+    with Diverged when the epoch's loss is NaN/inf or above `divergence_threshold`.
     """
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator(device=device).manual_seed(seed)
@@ -93,7 +103,10 @@ def train(
         shuffle.set_state(resume["shuffle_rng"])
         torch.set_rng_state(resume["torch_rng"])
         result = TrainResult(
-            list(resume["history"]), resume["train_time_s"], resume["examples_seen"]
+            list(resume["history"]),
+            resume["train_time_s"],
+            resume["examples_seen"],
+            resume["eval_time_s"],
         )
         start_epoch = resume["epoch"]
     num_batches = train_split.num_batches(batch_size)
@@ -120,6 +133,7 @@ def train(
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (y_hat.argmax(dim=1) == y).sum()
             bar.update()
+            signals.check()  # Ctrl-C / SIGTERM: stop between batches
         train_loss, train_correct = torch.stack(
             [loss_sum, correct]
         ).tolist()  # the epoch's one sync
@@ -127,12 +141,14 @@ def train(
         bar.close()
         n = len(train_split)
         result.examples_seen += n
+        eval_start = time.perf_counter()
         stats = {
             "epoch": epoch,
             "train_loss": train_loss / n,
             "train_acc": train_correct / n,
             "test_acc": evaluate_accuracy(net, test_split, batch_size),
         }
+        result.eval_time_s += time.perf_counter() - eval_start
         result.history.append(stats)
         log.info(
             "epoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
@@ -142,8 +158,11 @@ def train(
             stats["train_acc"],
             stats["test_acc"],
         )
-        if not math.isfinite(stats["train_loss"]):
-            raise Diverged(epoch, stats["train_loss"])
+        loss_now = stats["train_loss"]
+        if not math.isfinite(loss_now) or (
+            divergence_threshold and loss_now > divergence_threshold
+        ):
+            raise Diverged(epoch, loss_now, divergence_threshold)
         if checkpoint_path is not None:
             save_checkpoint(
                 checkpoint_path,
@@ -156,6 +175,8 @@ def train(
                     "history": result.history,
                     "train_time_s": result.train_time_s,
                     "examples_seen": result.examples_seen,
+                    "eval_time_s": result.eval_time_s,
+                    **(checkpoint_extra or {}),
                 },
             )
         if on_epoch is not None:

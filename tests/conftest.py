@@ -61,8 +61,8 @@ def make_cfg(mlflow_uri, experiment):
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
     """`python -m lenet_sweep ARGS` in a subprocess; returns CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "lenet_sweep", *args],
         capture_output=True,

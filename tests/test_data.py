@@ -64,7 +64,25 @@ def test_truncated_gzip_is_rejected(make_cfg, copied_root):
     target = copied_root / "t10k-images-idx3-ubyte.gz"
     target.write_bytes(target.read_bytes()[:5000])
     cfg = make_cfg(f"data.root={copied_root}")
-    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz: not a valid gzip file"):
+    with pytest.raises(UserError) as err:
+        load_split(cfg.data, train=False, device=torch.device("cpu"))
+    assert "t10k-images-idx3-ubyte.gz: truncated or not gzip" in str(err.value)
+    assert (
+        "expected SHA-256 5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+        in str(err.value)
+    )
+
+
+def test_wrong_format_file_is_rejected_before_training(make_cfg, copied_root):
+    # labels where images belong: a valid gzip, a valid idx1 file, the wrong content
+    shutil.copy(
+        copied_root / "t10k-labels-idx1-ubyte.gz", copied_root / "t10k-images-idx3-ubyte.gz"
+    )
+    cfg = make_cfg(f"data.root={copied_root}")
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz: SHA-256 of the decompressed"):
+        load_split(cfg.data, train=False, device=torch.device("cpu"))
+    cfg = make_cfg(f"data.root={copied_root}", "data.sha256.t10k-images-idx3-ubyte=null")
+    with pytest.raises(UserError, match="not a valid idx file"):
         load_split(cfg.data, train=False, device=torch.device("cpu"))
 
 

@@ -23,7 +23,7 @@ class LenetOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from lenet_sweep.sweep import OptunaSweep, settings_from
+        from lenet_sweep.sweep import OptunaSweep, SweepFailed, settings_from
 
         try:
             sweep = OptunaSweep(
@@ -34,4 +34,4 @@ class LenetOptunaSweeper(Sweeper):
             )
             sweep.run(arguments)
         except UserError as e:
-            exit_with(e, code=1)
+            exit_with(e, code=1 if isinstance(e, SweepFailed) else 2)

@@ -1,0 +1,121 @@
+"""Bad input, as users type it: one line naming key, value and fix; non-zero exit; nothing left."""
+
+import time
+
+import pytest
+
+from tests.conftest import SMALL, run_cli, runs_of
+
+SINGLE = [
+    ("lr=-1", "error: lr=-1: must be a number > 0, e.g. lr=0.1"),
+    ("lr=0", "error: lr=0: must be a number > 0, e.g. lr=0.1"),
+    ("lr=abc", "error: lr=abc: must be a number > 0, e.g. lr=0.1"),
+    ("epochs=0", "error: epochs=0: must be an integer >= 1, e.g. epochs=10"),
+    ("epochs=2.5", "error: epochs=2.5: must be an integer >= 1, e.g. epochs=10"),
+    ("batch_size=0", "error: batch_size=0: must be an integer from 1 to the training set size"),
+    ("batch_size=100000000", "error: batch_size=100000000: must be an integer from 1 to the training set size, e.g. 256 (2048 here)"),
+    ("model=nosuch", "error: In 'config': Could not find 'model/nosuch'; Available options in 'model': lenet, lenet_relu"),
+    ("optimizer=nosuch", "error: In 'config': Could not find 'optimizer/nosuch'; Available options in 'optimizer': adam, sgd"),
+    ("data.root=/no/such/dir", "error: data.root=/no/such/dir: no such directory; point data.root at a folder with the four idx files"),
+    ("device=tpu", "error: device=tpu: unknown device; allowed: auto, cpu, cuda, cuda:N"),
+    ("no_such_key=1", "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1"),
+]  # fmt: skip
+
+
+def _one_line_error(proc) -> str:
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and "mlflow.store.db.utils" not in line
+    ]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("override", "message"), SINGLE)
+def test_bad_input_is_one_line_and_leaves_no_run(
+    override, message, mlflow_uri, experiment, tmp_path
+):
+    proc = run_cli(*SMALL, f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}",
+                   f"hydra.run.dir={tmp_path}", override)  # fmt: skip
+    assert proc.returncode == 2
+    assert _one_line_error(proc).startswith(message)
+    _, runs = runs_of(mlflow_uri, experiment)
+    assert runs == []
+
+
+def test_cuda_without_gpu(mlflow_uri, experiment, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli(
+        *SMALL, "device=cuda", f"mlflow.tracking_uri={mlflow_uri}", f"hydra.run.dir={tmp_path}"
+    )
+    assert proc.returncode == 2
+    assert (
+        _one_line_error(proc)
+        == "error: device=cuda: no CUDA GPU is visible here; use device=cpu or auto"
+    )
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    proc = run_cli(*SMALL, "lr=-1", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "lr=-1: must be" in proc.stderr
+
+
+def test_unreachable_tracking_uri_fails_fast_and_masks_password(tmp_path):
+    started = time.time()
+    proc = run_cli(*SMALL, f"hydra.run.dir={tmp_path}",
+                   env={"MLFLOW_TRACKING_URI": "http://alice:hunter2@127.0.0.1:9"})  # fmt: skip
+    assert proc.returncode == 2
+    line = _one_line_error(proc)
+    assert line.startswith("error: MLflow tracking URI http://alice:***@127.0.0.1:9 is not usable")
+    assert "hunter2" not in proc.stderr + proc.stdout
+    assert "training on" not in proc.stdout  # failed before training
+    assert time.time() - started < 60
+
+
+def _sweep_args(tmp_path, mlflow_uri, experiment, *extra):
+    return ["-m", *SMALL, f"hydra.sweep.dir={tmp_path / 'm'}", f"mlflow.tracking_uri={mlflow_uri}",
+            f"mlflow.experiment={experiment}", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+            *extra]  # fmt: skip
+
+
+def test_empty_search_interval(tmp_path, mlflow_uri, experiment):
+    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, "lr=interval(3.0, 0.01)"))
+    assert proc.returncode == 2
+    assert _one_line_error(proc) == "error: lr=interval(3.0, 0.01): empty interval; give low < high"
+    assert not (tmp_path / "o.db").exists()  # no study created
+
+
+def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experiment):
+    url = "postgresql://bob:sekret@127.0.0.1:9/optuna"
+    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, f"hydra.sweeper.storage={url}"))
+    assert proc.returncode == 2
+    line = _one_line_error(proc)
+    assert line.startswith(
+        "error: Optuna storage postgresql://bob:***@127.0.0.1:9/optuna is not reachable"
+    )
+    assert "sekret" not in proc.stderr + proc.stdout
+    _, runs = runs_of(mlflow_uri, experiment)
+    assert runs == []  # no parent run for a sweep that never started
+
+
+def test_bad_sweeper_setting(tmp_path, mlflow_uri, experiment):
+    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, "hydra.sweeper.n_trials=0"))
+    assert proc.returncode == 2
+    assert _one_line_error(proc) == "error: hydra.sweeper.n_trials=0: must be an integer >= 1"
+
+
+def test_mask_url():
+    from lenet_sweep.tracking import mask_url
+
+    assert mask_url("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert (
+        mask_url("text postgresql+psycopg://u:p@h/db more")
+        == "text postgresql+psycopg://u:***@h/db more"
+    )
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert mask_url("http://host:5000") == "http://host:5000"

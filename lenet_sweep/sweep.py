@@ -297,6 +297,16 @@ class OptunaSweep:
             or (t.state == TrialState.FAIL and FAIL_REASON in t.user_attrs)
         )
 
+    @staticmethod
+    def job_failures(study: optuna.Study) -> int:
+        """Trials failed by their own job (not by a dead worker or an interrupt)."""
+        trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        return sum(1 for t in trials if FAIL_REASON in t.user_attrs)
+
+    def _too_many_failures(self, study: optuna.Study) -> bool:
+        """Failures measured against n_trials: once past the rate, the sweep can only end past it."""
+        return self.job_failures(study) / self.settings.n_trials > self.settings.max_failure_rate
+
     def _ask(self, study, space, storage) -> list[optuna.Trial]:
         with ask_lock(storage, self.settings.storage):
             left = self.settings.n_trials - self.budget_used(study)
@@ -412,8 +422,7 @@ class OptunaSweep:
                     for trial, ret in zip(trials, returns, strict=True):
                         states.append(self._tell(study, trial, ret))
                     heartbeat.trial_ids = set()
-                    failed = states.count("FAIL")
-                    if failed and failed / len(states) > self.settings.max_failure_rate:
+                    if self._too_many_failures(study):
                         break
         except BaseException:
             self._abort(study, heartbeat.trial_ids, parent_run_id)
@@ -454,8 +463,8 @@ class OptunaSweep:
             client.set_tag(parent_run_id, f"best.{key}", value)
         client.log_dict(parent_run_id, results, "optimization_results.yaml")
         self._log_plots(client, parent_run_id, study)
-        failed = states.count("FAIL")
-        too_many = failed and failed / len(states) > self.settings.max_failure_rate
+        failed = self.job_failures(study)
+        too_many = self._too_many_failures(study)
         still_running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
         if too_many:
             client.set_terminated(parent_run_id, status="FAILED")
@@ -482,8 +491,8 @@ class OptunaSweep:
         log.info("results: %s", self.sweep_dir / "optimization_results.yaml")
         if too_many:
             raise SweepFailed(
-                f"sweep {study.study_name}: {failed} of {len(states)} trials failed, more than "
-                f"max_failure_rate={self.settings.max_failure_rate}; fix the failing trials "
+                f"sweep {study.study_name}: {failed} of {self.settings.n_trials} trials failed, more "
+                f"than max_failure_rate={self.settings.max_failure_rate}; fix the failing trials "
                 "(fail_reason in Optuna) or raise hydra.sweeper.max_failure_rate"
             )
 

@@ -149,7 +149,12 @@ def test_all_failing_sweep_exits_nonzero_with_one_line(sweep):
 def test_max_failure_rate_stops_the_sweep(sweep):
     proc = sweep.run("hydra.sweeper.n_trials=5", "lr=interval(0.1, 1.0)", "data.root=/no/such/dir")
     assert proc.returncode == 1
-    assert len(sweep.trials()) == 1  # 1 of 1 failed > 0.5: stopped, not 5 failures
+    assert len(sweep.trials()) == 3  # 3 of n_trials=5 failed > 0.5: stopped there
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: sweep s: no trial completed (3 fail;")
+    )
 
 
 @pytest.mark.slow

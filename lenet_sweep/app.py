@@ -65,6 +65,15 @@ def _run_name(cfg: DictConfig, overrides: list[str]) -> str | None:
     return " ".join(parts)
 
 
+def build(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The configured net, seeded and Xavier-initialised as train_ch6 does, and its optimizer."""
+    torch.manual_seed(cfg.seed)
+    net = hydra.utils.instantiate(cfg.model)
+    net.apply(init_xavier)
+    net.to(device)
+    return net, hydra.utils.instantiate(cfg.optimizer)(net.parameters())
+
+
 def run(cfg: DictConfig) -> float:
     """Train once and record it; returns the final test accuracy (the sweep objective)."""
     schema.validate(cfg)
@@ -77,11 +86,7 @@ def run(cfg: DictConfig) -> float:
     # Data and model first: bad input fails before any MLflow run exists.
     train_split = load_split(cfg.data, train=True, device=device)
     test_split = load_split(cfg.data, train=False, device=device)
-    torch.manual_seed(cfg.seed)
-    net = hydra.utils.instantiate(cfg.model)
-    net.apply(init_xavier)
-    net.to(device)
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(net.parameters())
+    net, optimizer = build(cfg, device)
 
     output_dir, overrides = _hydra_info()
     tags = {"device": str(device), "mlflow.source.name": "lenet_sweep"}

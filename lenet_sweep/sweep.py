@@ -520,16 +520,13 @@ class OptunaSweep:
 
 
 def settings_from(kwargs: dict) -> SweepSettings:
-    known = SweepSettings.__dataclass_fields__
-    unknown = set(kwargs) - set(known)
+    """hydra.sweeper.* as Hydra instantiated it -> SweepSettings; unknown keys are refused."""
+    unknown = set(kwargs) - set(SweepSettings.__dataclass_fields__)
     if unknown:
-        raise UserError(f"unknown sweeper key(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    values = {
-        k: (
-            OmegaConf.to_container(v, resolve=True)
-            if isinstance(v, DictConfig) and k == "params"
-            else v
+        raise UserError(
+            f"unknown sweeper key(s) {sorted(unknown)}; "
+            f"allowed: {sorted(SweepSettings.__dataclass_fields__)}"
         )
-        for k, v in kwargs.items()
-    }
-    return SweepSettings(**values)
+    if isinstance(kwargs.get("params"), DictConfig):
+        kwargs = {**kwargs, "params": OmegaConf.to_container(kwargs["params"], resolve=True)}
+    return SweepSettings(**kwargs)

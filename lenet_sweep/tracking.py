@@ -162,6 +162,8 @@ class TrackedRun:
         run_id: str | None = None,
     ):
         self.client = client(uri)
+        tags = {k: mask_url(str(v)) for k, v in tags.items()}  # overrides may carry a password
+        run_name = mask_url(run_name)
         if run_id is None:
             tags = {**tags, "lenet_sweep.host": HOST, "lenet_sweep.pid": str(os.getpid())}
             run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -211,7 +213,8 @@ class TrackedRun:
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = [RunTag(k, mask_url(str(v))) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=tags)
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

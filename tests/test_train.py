@@ -1,31 +1,16 @@
-import hydra
 import torch
 
+from lenet_sweep.app import build
 from lenet_sweep.data import load_split
-from lenet_sweep.models import init_xavier
 from lenet_sweep.train import train
 
 
 def _train(cfg, **kw):
     device = torch.device("cpu")
-    train_split = load_split(cfg.data, train=True, device=device)
-    test_split = load_split(cfg.data, train=False, device=device)
-    torch.manual_seed(cfg.seed)
-    net = hydra.utils.instantiate(cfg.model)
-    net.apply(init_xavier)
-    opt = hydra.utils.instantiate(cfg.optimizer)(net.parameters())
-    return train(
-        net,
-        opt,
-        train_split,
-        test_split,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        device=device,
-        progress=False,
-        **kw,
-    )
+    splits = [load_split(cfg.data, train=t, device=device) for t in (True, False)]
+    net, opt = build(cfg, device)
+    kw = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **kw}
+    return train(net, opt, *splits, device=device, progress=False, **kw)
 
 
 def test_training_learns_and_metrics_are_sample_weighted(make_cfg):

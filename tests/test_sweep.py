@@ -27,6 +27,7 @@ def sweep(tmp_path, mlflow_uri, experiment):
     class Sweep:
         def __init__(self):
             self.storage, self.dir, self.study_name = storage, tmp_path / "multirun", "s"
+            self.mlflow_uri = mlflow_uri
 
         def args(self, *extra: str) -> list[str]:
             return ["-m", *SMALL, f"hydra.sweeper.storage={storage}",
@@ -130,7 +131,10 @@ def test_pruned_trial_stops_early_and_is_marked(sweep):
     _, children = sweep.runs()
     pruned = [r for r in children if r.data.tags.get("optuna.trial_state") == "PRUNED"]
     assert len(pruned) == 1 and pruned[0].data.tags["pruned_at_epoch"] == "1"
-    assert pruned[0].data.metrics["epochs_run"] == 1
+    assert pruned[0].data.metrics["epochs_run"] == 1 and pruned[0].info.status == "FINISHED"
+    client = tracking.client(sweep.mlflow_uri)
+    assert [m.step for m in client.get_metric_history(pruned[0].info.run_id, "test_acc")] == [1]
+    assert [t.state for t in sweep.trials() if t.params["lr"] == 1e-07][0] == TrialState.PRUNED
 
 
 def test_all_failing_sweep_exits_nonzero_with_one_line(sweep):

@@ -145,6 +145,7 @@ def test_diverging_trial_fails_and_sweep_continues(sweep_args, mlflow_uri, exper
     assert len(diverged) == 1 and diverged[0].info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_sigterm_during_sweep_marks_everything(sweep_args, mlflow_uri, experiment, tmp_path):
     proc = _start(*sweep_args("hydra.sweeper.n_trials=3", "lr=interval(0.1, 1.0)"))
     _wait_for_epoch(tmp_path / "m" / "0" / "checkpoint.pt", 1, proc)

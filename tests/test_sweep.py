@@ -91,6 +91,7 @@ def test_sweep_records_study_parent_and_children(sweep):
     assert again.returncode == 0 and len(sweep.trials()) == 3 and len(sweep.runs()[1]) == 3
 
 
+@pytest.mark.slow
 def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
     args = sweep.args("hydra.sweeper.n_trials=4", "epochs=6", "lr=interval(0.1, 1.0)")
     proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,

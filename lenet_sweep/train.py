@@ -134,9 +134,8 @@ def train(
                 correct += (y_hat.argmax(dim=1) == y).sum()
             bar.update()
             signals.check()  # Ctrl-C / SIGTERM: stop between batches
-        train_loss, train_correct = torch.stack(
-            [loss_sum, correct]
-        ).tolist()  # the epoch's one sync
+        # The epoch's one host sync: both sums read together.
+        train_loss, train_correct = torch.stack([loss_sum, correct]).tolist()
         result.train_time_s += time.perf_counter() - start
         bar.close()
         n = len(train_split)

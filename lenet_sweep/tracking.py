@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +41,13 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (MLflow's default, ./mlruns, depends on the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides where its artifacts go
+    return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+
+
 def prepare_experiment(uri: str, name: str) -> str:
     """Create the store and the experiment once (parallel first writers to new sqlite fail)."""
     if uri.startswith("sqlite:///"):
@@ -50,7 +58,7 @@ def prepare_experiment(uri: str, name: str) -> str:
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return mlflow_client.create_experiment(name)
+            return mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
         except Exception:  # noqa: BLE001 - another process created it first
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:

@@ -26,6 +26,9 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
     assert run.data.tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "training_curves.png"} <= artifacts
+    # artifacts live beside the sqlite store, whatever the cwd
+    store_dir = mlflow_uri[len("sqlite:///") :].rsplit("/", 1)[0]
+    assert run.info.artifact_uri.startswith(f"file://{store_dir}/mlartifacts/")
     png = client.download_artifacts(run.info.run_id, "training_curves.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

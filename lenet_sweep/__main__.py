@@ -11,10 +11,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import CONFIG_DIR
+from lenet_sweep import CONFIG_DIR, config, errors, tracking_store
 from lenet_sweep.app import run
 from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
+
+# The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
+# that launcher processes that import this module to run `main` have it too.
+config.register()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -28,14 +32,24 @@ def main(cfg: DictConfig) -> float:
         exit_with(e)
 
 
+def _knob_rules() -> dict:
+    from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
+
+    return {**config.knobs(config.RunConfig),
+            **config.knobs(LenetOptunaSweeperConf, "hydra.sweeper.")}  # fmt: skip
+
+
 def cli() -> None:
     # Hydra prints its own errors (unknown key, missing option) over several lines with a
     # traceback hint; with HYDRA_FULL_ERROR set it raises them instead, and we print one line.
+    # The user's own setting decides whether we show tracebacks.
+    errors.show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    tracking_store.configure_env()
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
-        exit_with(e)
+        exit_with(config.knob_error(e, _knob_rules()) or e)
     except KeyboardInterrupt as e:
         sys.stderr.write(f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, "
                          "checkpoint kept; rerun with resume=<run dir> to continue\n")  # fmt: skip

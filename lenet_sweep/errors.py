@@ -1,18 +1,31 @@
 """The one exception type users see as a one-line error, and how errors are shown."""
 
-import os
+from __future__ import annotations
+
 import sys
 
 from hydra.errors import CompactHydraException
 
-from lenet_sweep.masking import mask_url
+from lenet_sweep.urls import mask_url
 
-# The user's own HYDRA_FULL_ERROR, read before the entry point sets it for its own use.
-FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+# The user's own HYDRA_FULL_ERROR=1 (keep tracebacks). cli() sets this from the environment
+# before it sets HYDRA_FULL_ERROR for its own use, so it is never read at import.
+show_tracebacks = False
 
 
 class UserError(CompactHydraException):
     """Bad input or environment: the message names the problem and the fix."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's text (drivers and MLflow write pages), credentials masked."""
+    text = (str(error).strip().splitlines() or [""])[0][:limit]
+    return mask_url(text) or ""
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line`, for the parenthesis of a one-line message."""
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def one_line(error: BaseException) -> str:
@@ -33,7 +46,7 @@ def one_line(error: BaseException) -> str:
         head[-1] = f"{head[-1].rstrip(':')}: {', '.join(options)}"
     cause = error.__cause__  # Hydra's own errors keep the useful part in the cause
     if not isinstance(error, UserError) and cause is not None and str(cause).strip():
-        first = str(cause).strip().splitlines()[0].rstrip(".")
+        first = first_line(cause, limit=10_000).rstrip(".")
         if first not in head:
             head.append(first)
     return mask_url("; ".join(head) or type(error).__name__)
@@ -41,7 +54,7 @@ def one_line(error: BaseException) -> str:
 
 def exit_with(error: BaseException, code: int = 2):
     """Print `error: <message>` as one line and exit; HYDRA_FULL_ERROR=1 keeps the traceback."""
-    if FULL_ERROR:
+    if show_tracebacks:
         raise error
     sys.stderr.write(f"error: {one_line(error)}\n")
     sys.exit(code)

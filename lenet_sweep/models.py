@@ -1,5 +1,6 @@
-"""The seed's LeNet, and the Xavier init train_ch6 applies."""
+"""The seed's LeNet, the Xavier init train_ch6 applies, and the configured net + optimizer."""
 
+import torch
 from torch import nn
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -29,3 +30,14 @@ def init_xavier(module: nn.Module) -> None:
     """train_ch6's init_weights: Xavier-uniform weights of every Linear and Conv2d, biases kept."""
     if type(module) in (nn.Linear, nn.Conv2d):
         nn.init.xavier_uniform_(module.weight)
+
+
+def build(cfg, device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The configured net, seeded and Xavier-initialised as train_ch6 does, and its optimizer."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(cfg.seed)
+    net = instantiate(cfg.model)
+    net.apply(init_xavier)
+    net.to(device)
+    return net, instantiate(cfg.optimizer)(net.parameters())

@@ -9,6 +9,9 @@ anything else              a fixed value passed to every job
 
 from __future__ import annotations
 
+from typing import Any
+
+import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import (
     ChoiceSweep,
@@ -110,3 +113,21 @@ def grid_choices(space: dict[str, BaseDistribution]) -> dict[str, list]:
                 f"{key}: the grid sampler needs a discrete search space; use choice() or range()"
             )
     return grid
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Sample one parameter from a prepared distribution through Trial's public API."""
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def format_value(value: Any) -> str:
+    """A value as a Hydra override value (strings quoted)."""
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value is None:
+        return "null"
+    return repr(value)

@@ -1,105 +1,169 @@
-"""MLflow: where runs go, and one run's record (params, per-epoch metrics, artifacts, status)."""
+"""MLflow runs: a training run's record (TrackedRun), a sweep's parent run (SweepRun), figures.
+
+Both write through MlflowClient (no global fluent state, so they are safe in launcher workers),
+mask credentials in everything they write, and end with an explicit status.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
-from lenet_sweep.errors import UserError
-from lenet_sweep.masking import mask_url
+from lenet_sweep import PROJECT_ROOT, protocol
+from lenet_sweep.tracking_store import HOST, TAG_HOST, TAG_PID, client
+from lenet_sweep.urls import mask_url
 
-# Fail fast on an unreachable tracking server instead of retrying for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-HOST = socket.gethostname()
+log = logging.getLogger("lenet_sweep.sweep")
 
 
-def default_tracking_uri() -> str:
-    return f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"
+class Run:
+    """Writes to one existing MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = client(uri), run_id
+        self.ended = False
+
+    def end(self, status: str) -> None:
+        """End the run now with `status` (FINISHED, FAILED, KILLED)."""
+        self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(mask_url(str(v)))[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        )
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, mask_url(str(v))) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=tags)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, mask_url(text), path)
+
+    def log_dict(self, data: dict, path: str) -> None:
+        self.client.log_dict(self.run_id, data, path)
+
+    def log_figure(self, figure, path: str) -> None:
+        self.client.log_figure(self.run_id, figure, path)
 
 
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """Config key, else $MLFLOW_TRACKING_URI, else the project's sqlite store (absolute path)."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative sqlite path would split runs across stores by cwd: anchor it to the project.
-        uri = f"sqlite:///{(PROJECT_ROOT / uri[len('sqlite:///') :]).resolve()}"
-    return uri
+class TrackedRun(Run):
+    """One training run. As a context manager it never stays RUNNING after a Python-level exit:
+    leaving normally ends FINISHED, an interrupt KILLED, any other exception FAILED, unless the
+    run was ended explicitly first (a pruned trial ends FINISHED while TrialPruned propagates).
+    """
 
+    def __init__(self, uri, experiment_id, run_name, tags: dict, run_id: str | None = None):
+        tags = {**tags, TAG_HOST: HOST, TAG_PID: str(os.getpid())}
+        if run_id is None:
+            tags = {k: mask_url(str(v)) for k, v in tags.items()}  # overrides may carry a password
+            mlflow_run = client(uri).create_run(
+                experiment_id, run_name=mask_url(run_name), tags=tags
+            )
+            super().__init__(uri, mlflow_run.info.run_id)
+        else:  # resume into the same run
+            super().__init__(uri, run_id)
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(tags)
 
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
+    def __enter__(self) -> TrackedRun:
+        return self
 
-    return MlflowClient(tracking_uri=uri)
-
-
-def _artifact_root(uri: str) -> str | None:
-    """Artifacts beside a sqlite store (MLflow's default, ./mlruns, depends on the cwd)."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a tracking server decides where its artifacts go
-    return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-
-
-def prepare_experiment(uri: str, name: str) -> str:
-    """Create the store and the experiment once (parallel first writers to new sqlite fail)."""
-    if uri.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
-    try:
-        mlflow_client = client(uri)
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
-        except Exception:  # noqa: BLE001 - another process created it first
-            experiment = mlflow_client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, locked store...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"MLflow tracking URI {mask_url(uri)} is not usable ({type(e).__name__}: "
-            f"{mask_url(first_line)}); start the server or set MLFLOW_TRACKING_URI / "
-            "mlflow.tracking_uri to a reachable store"
-        ) from e
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.ended:
+            return False
+        if exc_type is not None:
+            self.set_tags({"error": f"{exc_type.__name__}: {mask_url(str(exc))}"[:5000]})
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
         return False
-    except (PermissionError, OverflowError):
-        return pid > 0
-    return True
+
+    def log_epoch(self, stats: dict) -> None:
+        """One epoch's metrics at step = epoch."""
+        self.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=stats["epoch"])
+
+    def log_missing_epochs(self, history: list[dict]) -> None:
+        """A kill between checkpoint and metric write loses an epoch's metrics: write them now."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
+        for stats in history:
+            if stats["epoch"] not in logged:
+                self.log_epoch(stats)
+
+    def log_summary(self, result) -> None:
+        """The run's totals and its training curves (a TrainResult)."""
+        self.log_metrics(
+            {
+                "examples_per_sec": result.examples_per_sec,
+                "train_time_s": result.train_time_s,
+                "epochs_run": len(result.history),
+            }
+        )
+        if result.history:
+            self.log_figure(curves_figure(result.history), "training_curves.png")
 
 
-def repair_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
-    """Runs left RUNNING by a process of this host that is gone (kill -9, power loss) -> KILLED."""
+class SweepRun(Run):
+    """A study's parent run: one per study, reopened when the sweep resumes."""
+
+    @classmethod
+    def open(cls, uri: str, experiment_id: str, study, params: dict) -> SweepRun:
+        """The study's parent run, created on first use (call under the study's ask lock)."""
+        run_id = study.user_attrs.get(protocol.PARENT_RUN_ID)
+        if run_id is not None:
+            run = cls(uri, run_id)
+            run.client.update_run(run_id, status="RUNNING")
+            return run
+        tags = {protocol.TAG_ROLE: "sweep", protocol.TAG_STUDY_NAME: study.study_name}
+        created = client(uri).create_run(
+            experiment_id, run_name=f"sweep {study.study_name}", tags=tags
+        )
+        run = cls(uri, created.info.run_id)
+        study.set_user_attr(protocol.PARENT_RUN_ID, run.run_id)
+        run.log_params(params)
+        return run
+
+    def record_best(self, study, results: dict) -> None:
+        """The best trial (metric, tags, results file) and Optuna's plots."""
+        best = study.best_trial
+        self.log_metrics({"best_value": best.value})
+        self.set_tags(
+            {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}
+        )
+        self.log_dict(results, "optimization_results.yaml")
+        log_study_plots(self, study)
+
+
+def kill_trial_runs(uri: str, trials) -> None:
+    """End the MLflow runs of trials failed because their worker died (if still RUNNING)."""
     mlflow_client = client(uri)
-    orphans = []
-    for run in mlflow_client.search_runs(
-        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
-    ):
-        tags = run.data.tags
-        if tags.get("lenet_sweep.host") == HOST and not pid_alive(
-            int(tags.get("lenet_sweep.pid", 0))
-        ):
-            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
-            mlflow_client.set_tag(run.info.run_id, "lenet_sweep.repaired", "process died")
-            orphans.append(run.info.run_id)
-    return orphans
+    for trial in trials:
+        run_id = trial.user_attrs.get(protocol.MLFLOW_RUN_ID)
+        with contextlib.suppress(Exception):  # a run already gone or ended is left as it is
+            if run_id and mlflow_client.get_run(run_id).info.status == "RUNNING":
+                mlflow_client.set_terminated(run_id, status="KILLED")
+                mlflow_client.set_tag(run_id, protocol.TAG_TRIAL_STATE, "FAIL (worker died)")
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
@@ -115,9 +179,8 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened composed config, credentials masked."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: mask_url(v) for k, v in flatten(container).items()}
+    """The flattened composed config (credentials are masked when logged)."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def git_commit() -> str | None:
@@ -134,11 +197,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def curves_figure(history: list[dict]):
-    """The seed's Animator at epoch resolution: train loss, train acc, test acc vs epoch."""
+def _agg():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on workers and CI
+
+
+def curves_figure(history: list[dict]):
+    """The seed's Animator at epoch resolution: train loss, train acc, test acc vs epoch."""
+    _agg()
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.5, 3.2), dpi=120)
@@ -155,76 +222,22 @@ def curves_figure(history: list[dict]):
     return fig
 
 
-class TrackedRun:
-    """One MLflow run, written through MlflowClient (no global fluent state, safe in workers).
+def log_study_plots(run, study) -> None:
+    """Optuna's history, parallel-coordinate and importance plots under plots/ of `run`."""
+    _agg()
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
 
-    Used as a context manager: leaving it normally ends FINISHED, an interrupt ends KILLED,
-    any other exception FAILED, so no run is ever left RUNNING by a Python-level exit.
-    """
-
-    def __init__(
-        self,
-        uri: str,
-        experiment_id: str,
-        run_name: str | None,
-        tags: dict,
-        run_id: str | None = None,
-    ):
-        self.client = client(uri)
-        tags = {k: mask_url(str(v)) for k, v in tags.items()}  # overrides may carry a password
-        run_name = mask_url(run_name)
-        if run_id is None:
-            tags = {**tags, "lenet_sweep.host": HOST, "lenet_sweep.pid": str(os.getpid())}
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
-        else:  # resume into the same run
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            tags = {**tags, "lenet_sweep.host": HOST, "lenet_sweep.pid": str(os.getpid())}
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
-        self.status: str | None = None  # set to force an end status (e.g. pruned = FINISHED)
-
-    def __enter__(self) -> TrackedRun:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        status = self.status
-        if status is None:
-            if exc_type is None:
-                status = "FINISHED"
-            elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
-                status = "KILLED"
-            else:
-                status = "FAILED"
-            if exc_type is not None:
-                self.set_tags({"error": f"{exc_type.__name__}: {mask_url(str(exc))}"[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
-        return False
-
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        )
-
-    def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag(k, mask_url(str(v))) for k, v in tags.items()]
-        self.client.log_batch(self.run_id, tags=tags)
-
-    def log_text(self, text: str, path: str) -> None:
-        self.client.log_text(self.run_id, text, path)
-
-    def log_figure(self, figure, path: str) -> None:
-        self.client.log_figure(self.run_id, figure, path)
+    plots = {
+        "optimization_history.png": ovm.plot_optimization_history,
+        "parallel_coordinate.png": ovm.plot_parallel_coordinate,
+        "param_importances.png": ovm.plot_param_importances,
+    }
+    for name, plot in plots.items():
+        try:
+            ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            run.log_figure(fig, f"plots/{name}")
+            plt.close(fig)
+        except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
+            log.info("plot %s skipped: %s", name, str(e).splitlines()[0] if str(e) else e)

@@ -1,13 +1,16 @@
-"""train_ch6 as one readable loop: GPU-resident data, metrics read once per epoch."""
+"""train_ch6 as one readable loop: GPU-resident data, metrics read once per epoch.
+
+Everything that happens between epochs (MLflow, checkpoints, divergence, pruning) is a hook
+(lenet_sweep.hooks): a callable that gets the TrainState after each epoch and may raise to stop.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,21 +18,11 @@ from tqdm import tqdm
 
 from lenet_sweep import signals
 from lenet_sweep.data import Split
-from lenet_sweep.errors import UserError
+
+if TYPE_CHECKING:
+    from lenet_sweep.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(UserError):
-    """The training loss became NaN, inf, or larger than the divergence threshold."""
-
-    def __init__(self, epoch: int, loss: float, threshold: float | None = None):
-        limit = "" if threshold is None or not math.isfinite(loss) else f" > {threshold:g}"
-        super().__init__(
-            f"training diverged at epoch {epoch}: train loss {loss:g}{limit}; "
-            "lower lr or change the optimizer"
-        )
-        self.epoch, self.loss = epoch, loss
 
 
 @dataclass
@@ -50,6 +43,27 @@ class TrainResult:
         return self.examples_seen / self.train_time_s if self.train_time_s > 0 else float("nan")
 
 
+@dataclass
+class TrainState:
+    """What a hook sees after an epoch: the model, its optimizer, the shuffle RNG, the metrics."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+    result: TrainResult
+
+    @property
+    def epoch(self) -> int:
+        return self.result.history[-1]["epoch"] if self.result.history else 0
+
+    @property
+    def stats(self) -> dict:
+        return self.result.history[-1]
+
+
+EpochHook = Callable[[TrainState], None]
+
+
 def evaluate_accuracy(net: nn.Module, split: Split, batch_size: int) -> float:
     """Test accuracy in eval mode, fixed order, counted on the device and read once."""
     net.eval()
@@ -65,12 +79,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
-
-
 def train(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -80,47 +88,27 @@ def train(
     epochs: int,
     batch_size: int,
     seed: int,
-    device: torch.device,
     progress: bool = True,
-    on_epoch: Callable[[dict, TrainResult], None] | None = None,
-    checkpoint_path: Path | None = None,
-    checkpoint_extra: dict | None = None,
-    resume: dict | None = None,
-    divergence_threshold: float | None = None,
+    hooks: Sequence[EpochHook] = (),
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train for `epochs` epochs as train_ch6 does; `on_epoch` sees each epoch's metrics.
+    """Train for `epochs` epochs as train_ch6 does, on the device the data lives on.
 
-    `resume` is a checkpoint dict written by an earlier call: training continues after its
-    epoch with the same RNG streams, so the result equals an uninterrupted run. Training stops
-    with Diverged when the epoch's loss is NaN/inf or above `divergence_threshold`.
+    `resume` continues after the checkpoint's epoch with the same RNG streams, so the result
+    equals an uninterrupted run's.
     """
+    device = train_split.labels.device
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator(device=device).manual_seed(seed)
-    result, start_epoch = TrainResult(), 0
-    if resume is not None:
-        net.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        shuffle.set_state(resume["shuffle_rng"])
-        torch.set_rng_state(resume["torch_rng"])
-        result = TrainResult(
-            list(resume["history"]),
-            resume["train_time_s"],
-            resume["examples_seen"],
-            resume["eval_time_s"],
-        )
-        start_epoch = resume["epoch"]
-    num_batches = train_split.num_batches(batch_size)
-    for epoch in range(start_epoch + 1, epochs + 1):
+    result = resume.restore(net, optimizer, shuffle) if resume else TrainResult()
+    state = TrainState(net, optimizer, shuffle, result)
+    n, num_batches = len(train_split), train_split.num_batches(batch_size)
+    for epoch in range(state.epoch + 1, epochs + 1):
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        bar = tqdm(
-            total=num_batches,
-            desc=f"epoch {epoch}/{epochs}",
-            leave=False,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
+        bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{epochs}", leave=False,
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
         _sync(device)
         start = time.perf_counter()
         for X, y in train_split.batches(batch_size, shuffle):
@@ -137,47 +125,17 @@ def train(
         # The epoch's one host sync: both sums read together.
         train_loss, train_correct = torch.stack([loss_sum, correct]).tolist()
         result.train_time_s += time.perf_counter() - start
-        bar.close()
-        n = len(train_split)
         result.examples_seen += n
+        bar.close()
+
         eval_start = time.perf_counter()
-        stats = {
-            "epoch": epoch,
-            "train_loss": train_loss / n,
-            "train_acc": train_correct / n,
-            "test_acc": evaluate_accuracy(net, test_split, batch_size),
-        }
+        test_acc = evaluate_accuracy(net, test_split, batch_size)
         result.eval_time_s += time.perf_counter() - eval_start
+        stats = {"epoch": epoch, "train_loss": train_loss / n, "train_acc": train_correct / n,
+                 "test_acc": test_acc}  # fmt: skip
         result.history.append(stats)
-        log.info(
-            "epoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
-            epoch,
-            epochs,
-            stats["train_loss"],
-            stats["train_acc"],
-            stats["test_acc"],
-        )
-        loss_now = stats["train_loss"]
-        if not math.isfinite(loss_now) or (
-            divergence_threshold and loss_now > divergence_threshold
-        ):
-            raise Diverged(epoch, loss_now, divergence_threshold)
-        if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "epoch": epoch,
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "shuffle_rng": shuffle.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": result.history,
-                    "train_time_s": result.train_time_s,
-                    "examples_seen": result.examples_seen,
-                    "eval_time_s": result.eval_time_s,
-                    **(checkpoint_extra or {}),
-                },
-            )
-        if on_epoch is not None:
-            on_epoch(stats, result)
+        log.info("epoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
+                 epoch, epochs, stats["train_loss"], stats["train_acc"], test_acc)  # fmt: skip
+        for hook in hooks:
+            hook(state)
     return result

@@ -1,8 +1,5 @@
-"""A sweep job's link to its Optuna trial, reached through the study's storage.
-
-The sweeper passes `trial.number` and `trial.study_name` as overrides and the storage URL in
-$LENET_SWEEP_OPTUNA_STORAGE (never in logged overrides: it may hold a password), so the
-job can report per-epoch test accuracy and be pruned even when it runs in another process.
+"""A sweep job's link to its Optuna trial, reached through the study's storage (the job's side
+of lenet_sweep.protocol), so that pruning works in any launcher process.
 """
 
 from __future__ import annotations
@@ -11,50 +8,49 @@ import os
 
 import optuna
 
-STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # set by the sweeper for its jobs
+from lenet_sweep import protocol
+from lenet_sweep.study_storage import open_storage, running_trial
 
 
 class TrialLink:
-    def __init__(self, storage: str, study_name: str, number: int, pruner=None):
+    def __init__(self, storage_url: str, study_name: str, number: int, pruner=None):
+        storage = open_storage(storage_url)
         self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-        storage_obj = self.study._storage  # the public BaseStorage API is used from here on
-        self.trial_id = storage_obj.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number
-        )
-        self.trial = optuna.trial.Trial(self.study, self.trial_id)
+        self.trial = running_trial(self.study, storage, number)
         self.number = number
 
     @classmethod
-    def from_config(cls, trial_cfg) -> TrialLink | None:
+    def from_config(cls, trial_cfg, pruner_cfg=None) -> TrialLink | None:
+        """The link for a job the sweeper launched (None for a single run).
+
+        `pruner_cfg` is the job's own composed `hydra.sweeper.pruner`, the node the sweeper built
+        its pruner from: pruning is decided here, and Optuna does not store pruners.
+        """
         if trial_cfg is None or trial_cfg.number is None:
             return None
-        storage = trial_cfg.storage or os.environ.get(STORAGE_ENV)
+        storage = os.environ.get(protocol.STORAGE_ENV)
         if not storage:
-            raise RuntimeError(
-                f"trial.number is set but no storage: set trial.storage or ${STORAGE_ENV}"
-            )
-        return cls(str(storage), str(trial_cfg.study_name), int(trial_cfg.number), _sweep_pruner())
+            raise RuntimeError(f"{protocol.TRIAL_NUMBER} is set but ${protocol.STORAGE_ENV} is not")
+        from hydra.utils import instantiate
 
-    def set_attr(self, key: str, value) -> None:
-        self.study._storage.set_trial_user_attr(self.trial_id, key, value)
+        pruner = instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
+        return cls(str(storage), str(trial_cfg.study_name), int(trial_cfg.number), pruner)
+
+    def run_tags(self, parent_run_id) -> dict[str, str]:
+        """Tags that make the job's MLflow run a child of the sweep's parent run."""
+        return {
+            protocol.TAG_PARENT_RUN: str(parent_run_id),
+            protocol.TAG_STUDY_NAME: self.study.study_name,
+            protocol.TAG_TRIAL_NUMBER: str(self.number),
+        }
+
+    def started(self, mlflow_run_id: str) -> None:
+        self.trial.set_user_attr(protocol.MLFLOW_RUN_ID, mlflow_run_id)
 
     def report(self, value: float, epoch: int) -> bool:
         """Report one epoch's objective; True when the pruner says stop."""
         self.trial.report(value, step=epoch)
         return self.trial.should_prune()
 
-
-def _sweep_pruner() -> optuna.pruners.BasePruner:
-    """The sweeper's pruner, rebuilt from hydra.sweeper.pruner in the job's own config.
-
-    Pruning is decided here, in the job, so the job needs the same pruner the study was made
-    with; Optuna does not store pruners.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
-
-    if HydraConfig.initialized():
-        pruner_cfg = HydraConfig.get().sweeper.get("pruner")
-        if pruner_cfg:
-            return instantiate(pruner_cfg)
-    return optuna.pruners.NopPruner()
+    def completed(self, train_time_s: float) -> None:
+        self.trial.set_user_attr(protocol.TRAIN_TIME_S, train_time_s)

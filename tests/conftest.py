@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lenet_sweep import CONFIG_DIR, PROJECT_ROOT
+from lenet_sweep import config as lenet_config
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # A slice of the real data: enough to learn something in one or two epochs on 2 cores.
@@ -19,6 +20,7 @@ SMALL = ["data.train_size=2048", "data.test_size=512", "epochs=1", "progress=fal
 
 
 def pytest_configure(config):
+    lenet_config.register()  # the schema conf/config.yaml extends, as the app registers it
     if not FASHION.is_dir():
         raise pytest.UsageError(
             f"{FASHION} is missing: apt-get install dataset-fashion-mnist (tests use the real data)"
@@ -28,10 +30,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One sqlite store for the session (creating one costs seconds); tests use own experiments."""
-    from lenet_sweep import tracking
+    from lenet_sweep import tracking_store
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.prepare_experiment(uri, "warmup")
+    tracking_store.prepare_experiment(uri, "warmup")
     return uri
 
 

@@ -14,14 +14,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lenet_sweep import tracking
+from lenet_sweep import tracking_store
 from tests.conftest import SMALL, run_cli, runs_of
 
 
 @pytest.fixture
 def sweep(tmp_path, mlflow_uri, experiment):
     """Runs `-m` sweeps against a fresh study store and this test's MLflow experiment."""
-    tracking.prepare_experiment(mlflow_uri, experiment)
+    tracking_store.prepare_experiment(mlflow_uri, experiment)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     class Sweep:
@@ -133,7 +133,7 @@ def test_pruned_trial_stops_early_and_is_marked(sweep):
     pruned = [r for r in children if r.data.tags.get("optuna.trial_state") == "PRUNED"]
     assert len(pruned) == 1 and pruned[0].data.tags["pruned_at_epoch"] == "1"
     assert pruned[0].data.metrics["epochs_run"] == 1 and pruned[0].info.status == "FINISHED"
-    client = tracking.client(sweep.mlflow_uri)
+    client = tracking_store.client(sweep.mlflow_uri)
     assert [m.step for m in client.get_metric_history(pruned[0].info.run_id, "test_acc")] == [1]
     assert [t.state for t in sweep.trials() if t.params["lr"] == 1e-07][0] == TrialState.PRUNED
 
@@ -229,8 +229,7 @@ def test_every_sampler_config_builds_and_samples(name):
     from omegaconf import OmegaConf
 
     from lenet_sweep import CONFIG_DIR
-    from lenet_sweep.search_space import grid_choices, parse
-    from lenet_sweep.sweep import suggest
+    from lenet_sweep.search_space import grid_choices, parse, suggest
 
     sampler = instantiate(
         OmegaConf.load(CONFIG_DIR / "hydra" / "sweeper" / "sampler" / f"{name}.yaml")
@@ -244,45 +243,6 @@ def test_every_sampler_config_builds_and_samples(name):
         params = {k: suggest(trial, k, d) for k, d in space.items()}
         assert params["lr"] in (0.1, 0.3) and params["epochs"] in (1, 2, 3)
         study.tell(trial, params["lr"] * params["epochs"])
-
-
-@pytest.mark.parametrize(
-    ("ret", "state", "reason"),
-    [
-        ({"status": "COMPLETED", "value": 0.8}, TrialState.COMPLETE, None),
-        (
-            {"status": "COMPLETED", "value": float("nan")},
-            TrialState.FAIL,
-            "ValueError: job returned nan",
-        ),
-        (
-            {"status": "COMPLETED", "value": float("inf")},
-            TrialState.FAIL,
-            "ValueError: job returned inf",
-        ),
-        (
-            {"status": "FAILED", "value": RuntimeError("boom")},
-            TrialState.FAIL,
-            "RuntimeError: boom",
-        ),
-        ({"status": "FAILED", "value": optuna.TrialPruned("p")}, TrialState.PRUNED, None),
-    ],
-)
-def test_job_results_map_to_trial_states(ret, state, reason):
-    from hydra.core.utils import JobReturn, JobStatus
-
-    from lenet_sweep.sweep import OptunaSweep
-
-    study = optuna.create_study(direction="maximize")
-    trial = study.ask()
-    trial.report(0.5, 1)
-    job = JobReturn()
-    job.status = JobStatus[ret["status"]]
-    job._return_value = ret["value"]
-    assert OptunaSweep._tell(OptunaSweep.__new__(OptunaSweep), study, trial, job) == state.name
-    frozen = study.trials[0]
-    assert frozen.state == state
-    assert frozen.user_attrs.get("fail_reason") == reason
 
 
 def test_tab_completion_lists_group_options():

@@ -1,7 +1,7 @@
 import torch
 
-from lenet_sweep.app import build
 from lenet_sweep.data import load_split
+from lenet_sweep.models import build
 from lenet_sweep.train import train
 
 
@@ -10,7 +10,7 @@ def _train(cfg, **kw):
     splits = [load_split(cfg.data, train=t, device=device) for t in (True, False)]
     net, opt = build(cfg, device)
     kw = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **kw}
-    return train(net, opt, *splits, device=device, progress=False, **kw)
+    return train(net, opt, *splits, progress=False, **kw)
 
 
 def test_training_learns_and_metrics_are_sample_weighted(make_cfg):
@@ -39,9 +39,7 @@ def test_fixed_seed_gives_identical_metrics_on_cpu(make_cfg):
     assert other.history != first.history
 
 
-def test_on_epoch_sees_every_epoch(make_cfg):
+def test_hooks_see_every_epoch(make_cfg):
     seen = []
-    _train(
-        make_cfg("epochs=3", "data.train_size=512"), on_epoch=lambda s, r: seen.append(s["epoch"])
-    )
+    _train(make_cfg("epochs=3", "data.train_size=512"), hooks=[lambda s: seen.append(s.epoch)])
     assert seen == [1, 2, 3]

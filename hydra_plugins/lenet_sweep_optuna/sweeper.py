@@ -7,12 +7,13 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
 from lenet_sweep.errors import UserError, exit_with
 
 
 class LenetOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        self.settings = settings
+        self.settings = LenetOptunaSweeperConf(**settings)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -23,15 +24,10 @@ class LenetOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from lenet_sweep.sweep import OptunaSweep, SweepFailed, settings_from
+        from lenet_sweep.sweep import OptunaSweep, SweepFailed
 
         try:
-            sweep = OptunaSweep(
-                settings_from(self.settings),
-                self.config,
-                self.launcher,
-                self.config.hydra.sweep.dir,
-            )
+            sweep = OptunaSweep(self.settings, self.config, self.launcher)
             sweep.run(arguments)
         except UserError as e:
             exit_with(e, code=1 if isinstance(e, SweepFailed) else 2)

@@ -18,6 +18,9 @@ SINGLE = [
     ("optimizer=nosuch", "error: In 'config': Could not find 'optimizer/nosuch'; Available options in 'optimizer': adam, sgd"),
     ("data.root=/no/such/dir", "error: data.root=/no/such/dir: no such directory; point data.root at a folder with the four idx files"),
     ("device=tpu", "error: device=tpu: unknown device; allowed: auto, cpu, cuda, cuda:N"),
+    ("progress=maybe", "error: progress=maybe: must be true or false"),
+    ("seed=x", "error: seed=x: must be an integer, e.g. seed=0"),
+    ("data.train_size=0", "error: data.train_size=0: must be null or an integer >= 1"),
     ("no_such_key=1", "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1"),
 ]  # fmt: skip
 
@@ -103,14 +106,25 @@ def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experim
     assert runs == []  # no parent run for a sweep that never started
 
 
-def test_bad_sweeper_setting(tmp_path, mlflow_uri, experiment):
-    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, "hydra.sweeper.n_trials=0"))
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("hydra.sweeper.n_trials=0", "error: hydra.sweeper.n_trials=0: must be an integer >= 1"),
+        ("hydra.sweeper.n_trials=abc", "error: hydra.sweeper.n_trials=abc: must be an integer >= 1"),
+        ("hydra.sweeper.max_failure_rate=2", "error: hydra.sweeper.max_failure_rate=2: must be a number in [0, 1]"),
+        ("hydra.sweeper.direction=up", "error: hydra.sweeper.direction=up: must be maximize or minimize"),
+        ("hydra.sweeper.nope=1", "error: Could not override 'hydra.sweeper.nope'"),
+    ],
+)  # fmt: skip
+def test_bad_sweeper_setting(override, message, tmp_path, mlflow_uri, experiment):
+    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, override))
     assert proc.returncode == 2
-    assert _one_line_error(proc) == "error: hydra.sweeper.n_trials=0: must be an integer >= 1"
+    assert _one_line_error(proc).startswith(message)
+    assert not (tmp_path / "o.db").exists()  # no study created
 
 
 def test_mask_url():
-    from lenet_sweep.tracking import mask_url
+    from lenet_sweep.urls import mask_url
 
     assert mask_url("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert (

@@ -1,0 +1,171 @@
+"""The configs' schema: structured configs in Hydra's ConfigStore, and their start-up checks.
+
+Hydra (through OmegaConf) enforces each knob's type while it composes; `validate` adds the
+ranges. Both end in the same one-line message naming the key, the value and what is allowed,
+which each knob declares once, here, next to its type.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import MISSING as NO_FACTORY
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ValidationError
+
+from lenet_sweep import PROJECT_ROOT
+from lenet_sweep.errors import UserError
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a user may set: `allowed` completes the message `key=value: must be <allowed>`."""
+
+    allowed: str
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False
+    choices: tuple = ()
+
+    def check(self, key: str, value) -> None:
+        bad = (
+            (self.positive and not value > 0)
+            or (self.minimum is not None and value < self.minimum)
+            or (self.maximum is not None and value > self.maximum)
+            or (isinstance(value, float) and math.isnan(value))
+            or (self.choices and value not in self.choices)
+        )
+        if bad:
+            raise self.error(key, value)
+
+    def error(self, key: str, value) -> UserError:
+        # Shown as typed: OmegaConf turns lr=0 into 0.0, the message says lr=0.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return UserError(f"{key}={value}: must be {self.allowed}")
+
+
+def knob(default, allowed: str, **limits) -> Any:
+    """A dataclass field that carries its Knob (types come from the annotation)."""
+    return field(default=default, metadata={"knob": Knob(allowed, **limits)})
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    root: str | None = None
+    system_root: str | None = None
+    torchvision_class: str = MISSING
+    train_size: int | None = knob(None, "null or an integer >= 1", minimum=1)
+    test_size: int | None = knob(None, "null or an integer >= 1", minimum=1)
+    num_train: int = 60000
+    num_test: int = 10000
+    num_classes: int = 10
+    sha256: dict[str, str | None] | None = None
+
+
+@dataclass
+class MLflowConf:
+    tracking_uri: str | None = None
+    experiment: str = "lenet_sweep"
+    run_name: str | None = None
+
+
+@dataclass
+class TrialConf:
+    """Set by the sweeper for each trial (see lenet_sweep.protocol); null for a single run."""
+
+    number: int | None = None
+    study_name: str | None = None
+    parent_run_id: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """The top-level knobs of one training run (defaults and comments: conf/config.yaml)."""
+
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    data: DataConf = field(default_factory=DataConf)
+    lr: float = knob(0.9, "a number > 0, e.g. lr=0.1", positive=True)
+    epochs: int = knob(10, "an integer >= 1, e.g. epochs=10", minimum=1)
+    batch_size: int = knob(256, "an integer from 1 to the training set size, e.g. 256", minimum=1)
+    seed: int = knob(42, "an integer, e.g. seed=0")
+    device: str = "auto"
+    progress: bool = knob(True, "true or false")
+    divergence_threshold: float | None = knob(
+        23.0, "null or a number > 0, e.g. 23.0", positive=True
+    )
+    resume: str | None = None
+    mlflow: MLflowConf = field(default_factory=MLflowConf)
+    trial: TrialConf = field(default_factory=TrialConf)
+
+
+def register() -> None:
+    """Store the schema (conf/config.yaml extends it) and the `project_root` resolver.
+
+    Called where the Hydra app is defined (lenet_sweep.__main__), as Hydra's docs do, and by
+    anything that composes the config itself (the tests).
+    """
+    ConfigStore.instance().store(name="lenet_sweep_schema", node=RunConfig)
+    # Hydra's run/sweep dirs use ${project_root:} so outputs land in <project>/outputs.
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def knobs(schema, prefix: str = "") -> dict[str, Knob]:
+    """Every knob of a schema by its dotted key, nested dataclasses included."""
+    found = {}
+    for f in fields(schema):
+        if "knob" in f.metadata:
+            found[prefix + f.name] = f.metadata["knob"]
+        elif f.default_factory is not NO_FACTORY and is_dataclass(f.default_factory):
+            found.update(knobs(f.default_factory, f"{prefix}{f.name}."))
+    return found
+
+
+def check_knobs(node, schema, prefix: str = "") -> None:
+    """Every knob's range, read from a config or a settings object; null passes."""
+    for key, rule in knobs(schema, prefix).items():
+        value = functools.reduce(getattr, key.removeprefix(prefix).split("."), node)
+        if value is not None:
+            rule.check(key, value)
+
+
+def validate(cfg) -> None:
+    """A run's config, before anything is trained or recorded."""
+    check_knobs(cfg, RunConfig)
+    train_n = cfg.data.train_size or cfg.data.num_train
+    if cfg.batch_size > train_n:
+        error = knobs(RunConfig)["batch_size"].error("batch_size", cfg.batch_size)
+        raise UserError(f"{error} ({train_n} here)")
+
+
+def knob_error(error: BaseException | None, rules: dict[str, Knob]) -> UserError | None:
+    """A type error from composition (`lr=abc`) as that knob's own message, else None."""
+    while error is not None and not isinstance(error, ValidationError):
+        error = error.__cause__ or error.__context__
+    rule = rules.get(str(error.full_key)) if error is not None else None
+    return rule.error(str(error.full_key), error.value) if rule else None
+
+
+def resolve_device(name: str):
+    """`device` -> torch.device: auto, cpu, cuda, cuda:N (the one place that reads the grammar)."""
+    import torch
+
+    name, cuda = str(name), re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if name in ("auto", "cpu"):
+        return torch.device("cuda:0" if name == "auto" and torch.cuda.is_available() else "cpu")
+    if cuda is None:
+        raise UserError(f"device={name}: unknown device; allowed: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"device={name}: no CUDA GPU is visible here; use device=cpu or auto")
+    if int(cuda[1] or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}: only {torch.cuda.device_count()} GPU(s) visible; "
+                        "use cuda:0 .. cuda:N-1, or auto")  # fmt: skip
+    return torch.device("cuda", int(cuda[1] or 0))

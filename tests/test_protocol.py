@@ -1,0 +1,93 @@
+"""The sweeper <-> job protocol: job outcomes, and a trial reached from a job's own config."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.trial import TrialState
+
+from lenet_sweep import protocol
+from lenet_sweep.sweep import record
+from lenet_sweep.trial_link import TrialLink
+
+
+def _job(status: str, value) -> JobReturn:
+    job = JobReturn()
+    job.status = JobStatus[status]
+    job.return_value = value
+    return job
+
+
+@pytest.mark.parametrize(
+    ("status", "value", "state", "reason"),
+    [
+        ("COMPLETED", 0.8, TrialState.COMPLETE, None),
+        ("COMPLETED", float("nan"), TrialState.FAIL, "ValueError: job returned nan"),
+        ("COMPLETED", float("inf"), TrialState.FAIL, "ValueError: job returned inf"),
+        ("COMPLETED", "high", TrialState.FAIL, "ValueError: job returned 'high', not a number"),
+        ("FAILED", RuntimeError("boom"), TrialState.FAIL, "RuntimeError: boom"),
+        ("FAILED", RuntimeError("postgresql://u:pw@h/db down"), TrialState.FAIL,
+         "RuntimeError: postgresql://u:***@h/db down"),
+        ("FAILED", optuna.TrialPruned("p"), TrialState.PRUNED, None),
+    ],
+)  # fmt: skip
+def test_job_results_map_to_trial_states(status, value, state, reason):
+    outcome = protocol.job_outcome(_job(status, value))
+    assert outcome.state == state
+    assert outcome.value == (value if state == TrialState.COMPLETE else None)
+    assert outcome.reason == (reason if state == TrialState.FAIL else outcome.reason)
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.report(0.5, 1)
+    record(study, trial, outcome)
+    frozen = study.trials[0]
+    assert frozen.state == state
+    assert frozen.user_attrs.get(protocol.FAIL_REASON) == reason
+    if state == TrialState.COMPLETE:
+        assert frozen.value == value
+
+
+def test_storage_env_is_restored(monkeypatch):
+    monkeypatch.setenv(protocol.STORAGE_ENV, "sqlite:///before.db")
+    with protocol.storage_env("sqlite:///during.db"):
+        assert os.environ[protocol.STORAGE_ENV] == "sqlite:///during.db"
+    assert os.environ[protocol.STORAGE_ENV] == "sqlite:///before.db"
+    monkeypatch.delenv(protocol.STORAGE_ENV)
+    with protocol.storage_env("sqlite:///during.db"):
+        pass
+    assert protocol.STORAGE_ENV not in os.environ
+
+
+def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg):
+    """The sweeper's side writes what the job's side reads, and the other way round."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="rt", storage=url, direction="maximize")
+    asked = study.ask()
+    overrides = protocol.trial_overrides(asked.number, "rt", "parent123")
+    assert all(protocol.is_trial_override(o) for o in overrides)
+    cfg = make_cfg(*overrides)  # the job's config, as Hydra composes it from those overrides
+    pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}
+    with protocol.storage_env(url):
+        link = TrialLink.from_config(cfg.trial, pruner)
+    assert link.number == asked.number
+    assert link.run_tags(cfg.trial.parent_run_id) == {
+        protocol.TAG_PARENT_RUN: "parent123",
+        protocol.TAG_STUDY_NAME: "rt",
+        protocol.TAG_TRIAL_NUMBER: str(asked.number),
+    }
+    link.started("run-abc")
+    assert link.report(0.9, 1) is False  # above the threshold: go on
+    assert link.report(0.1, 2) is True  # the job's own pruner (from hydra.sweeper.pruner) says stop
+    link.completed(12.5)
+    trial = optuna.load_study(study_name="rt", storage=url).trials[0]
+    assert trial.intermediate_values == {1: 0.9, 2: 0.1}
+    assert trial.user_attrs[protocol.MLFLOW_RUN_ID] == "run-abc"
+    assert trial.user_attrs[protocol.TRAIN_TIME_S] == 12.5
+
+
+def test_single_run_has_no_trial_link(make_cfg):
+    assert TrialLink.from_config(make_cfg().trial) is None

@@ -1,8 +1,11 @@
 """`python -m lenet_sweep [overrides]`: the Hydra entry point."""
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,9 +14,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import CONFIG_DIR, config, errors, tracking_store
+from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors, tracking_store
 from lenet_sweep.app import run
 from lenet_sweep.errors import UserError, exit_with
+from lenet_sweep.hooks import Diverged
 from lenet_sweep.signals import Terminated
 
 # The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
@@ -29,7 +33,18 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records it as the trial's failure
+        if not isinstance(e, Diverged):  # refused before training: leave no run dir behind
+            _discard_untouched(Path(HydraConfig.get().runtime.output_dir))
         exit_with(e)
+
+
+def _discard_untouched(run_dir: Path) -> None:
+    """Remove a run dir holding only what Hydra writes before the task (.hydra/, the job log)."""
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.parent == OUTPUTS_DIR / "runs":  # the default runs/<day>/<time>
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # the day's folder, when this was its only run
 
 
 def _knob_rules() -> dict:
@@ -50,6 +65,9 @@ def cli() -> None:
         main()
     except (HydraException, OmegaConfBaseException) as e:
         exit_with(config.knob_error(e, _knob_rules()) or e)
+    except PermissionError as e:  # e.g. Hydra making the run dir in a read-only outputs/
+        exit_with(UserError(f"cannot write {e.filename} ({e.strerror}); make it writable or set "
+                            "hydra.run.dir (hydra.sweep.dir with -m) to a writable folder"))  # fmt: skip
     except KeyboardInterrupt as e:
         sys.stderr.write(f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, "
                          "checkpoint kept; rerun with resume=<run dir> to continue\n")  # fmt: skip

@@ -18,6 +18,7 @@ from lenet_sweep.train import TrainResult, train
 from lenet_sweep.trial_link import TrialLink
 
 log = logging.getLogger("lenet_sweep")
+TAG_RESUMED_FROM = "lenet_sweep.resumed_from"  # a resume that could not continue its own run
 
 
 @dataclass
@@ -85,14 +86,18 @@ def run(cfg: DictConfig) -> float:
     resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
 
     run_name, tags = _run_name(cfg, job.overrides), _tags(device, job, link, cfg)
-    mlrun = tracking.TrackedRun(uri, experiment_id, run_name, tags, resume and resume.mlflow_run_id)
+    params = tracking.config_params(cfg)
+    run_id = resume and tracking.continuable(uri, resume.mlflow_run_id, params)
+    if resume and not run_id:  # a finished run, or other settings (epochs): a new run
+        tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
+    mlrun = tracking.TrackedRun(uri, experiment_id, run_name, tags, run_id)
     with signals.stop_on_signals(), mlrun:
         if link is not None:
             link.started(mlrun.run_id)
-        if resume is None:
-            mlrun.log_params(tracking.config_params(cfg))
+        if not run_id:
+            mlrun.log_params(params)
             mlrun.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        else:
+        if resume:
             mlrun.log_missing_epochs(resume.history)
             log.info("resuming %s after epoch %d", resume_path, resume.epoch)
 

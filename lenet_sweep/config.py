@@ -7,9 +7,12 @@ which each knob declares once, here, next to its type.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
+import typing
+from collections.abc import Callable
 from dataclasses import MISSING as NO_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -31,13 +34,14 @@ class Knob:
     maximum: float | None = None
     positive: bool = False
     choices: tuple = ()
+    kind: type | None = None  # from the field's annotation, filled in by knobs()
 
     def check(self, key: str, value) -> None:
         bad = (
             (self.positive and not value > 0)
             or (self.minimum is not None and value < self.minimum)
             or (self.maximum is not None and value > self.maximum)
-            or (isinstance(value, float) and math.isnan(value))
+            or (isinstance(value, float) and not math.isfinite(value))
             or (self.choices and value not in self.choices)
         )
         if bad:
@@ -61,8 +65,8 @@ class DataConf:
     root: str | None = None
     system_root: str | None = None
     torchvision_class: str = MISSING
-    train_size: int | None = knob(None, "null or an integer >= 1", minimum=1)
-    test_size: int | None = knob(None, "null or an integer >= 1", minimum=1)
+    train_size: int | None = knob(None, "null or an integer from 1 to the split's size", minimum=1)
+    test_size: int | None = knob(None, "null or an integer from 1 to the split's size", minimum=1)
     num_train: int = 60000
     num_test: int = 10000
     num_classes: int = 10
@@ -92,14 +96,14 @@ class RunConfig:
     model: Any = MISSING
     optimizer: Any = MISSING
     data: DataConf = field(default_factory=DataConf)
-    lr: float = knob(0.9, "a number > 0, e.g. lr=0.1", positive=True)
+    lr: float = knob(0.9, "a finite number > 0, e.g. lr=0.1", positive=True)
     epochs: int = knob(10, "an integer >= 1, e.g. epochs=10", minimum=1)
     batch_size: int = knob(256, "an integer from 1 to the training set size, e.g. 256", minimum=1)
     seed: int = knob(42, "an integer, e.g. seed=0")
     device: str = "auto"
     progress: bool = knob(True, "true or false")
     divergence_threshold: float | None = knob(
-        23.0, "null or a number > 0, e.g. 23.0", positive=True
+        23.0, "null or a finite number > 0, e.g. 23.0", positive=True
     )
     resume: str | None = None
     mlflow: MLflowConf = field(default_factory=MLflowConf)
@@ -120,10 +124,13 @@ def register() -> None:
 
 def knobs(schema, prefix: str = "") -> dict[str, Knob]:
     """Every knob of a schema by its dotted key, nested dataclasses included."""
-    found = {}
+    found, hints = {}, typing.get_type_hints(schema)
     for f in fields(schema):
         if "knob" in f.metadata:
-            found[prefix + f.name] = f.metadata["knob"]
+            kind = [
+                t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None)
+            ]
+            found[prefix + f.name] = dataclasses.replace(f.metadata["knob"], kind=kind[0])
         elif f.default_factory is not NO_FACTORY and is_dataclass(f.default_factory):
             found.update(knobs(f.default_factory, f"{prefix}{f.name}."))
     return found
@@ -140,10 +147,62 @@ def check_knobs(node, schema, prefix: str = "") -> None:
 def validate(cfg) -> None:
     """A run's config, before anything is trained or recorded."""
     check_knobs(cfg, RunConfig)
-    train_n = cfg.data.train_size or cfg.data.num_train
-    if cfg.batch_size > train_n:
-        error = knobs(RunConfig)["batch_size"].error("batch_size", cfg.batch_size)
-        raise UserError(f"{error} ({train_n} here)")
+    rules = knobs(RunConfig)
+    limits = {"batch_size": cfg.data.train_size or cfg.data.num_train,
+              "data.train_size": cfg.data.num_train, "data.test_size": cfg.data.num_test}  # fmt: skip
+    for key, limit in limits.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value > limit:
+            raise UserError(f"{rules[key].error(key, value)} ({limit} here)")
+    if not cfg.mlflow.experiment:
+        raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
+
+
+GROUPS = ("model", "optimizer", "data")
+
+
+def check_search_space(space: dict, group_options: Callable[[str], list[str]]) -> None:
+    """A sweep's distributions against the knobs' types and ranges and the groups' options,
+    before any study or run exists (else every trial would fail the same way)."""
+    from optuna.distributions import FloatDistribution
+
+    rules = knobs(RunConfig)
+    for key, dist in space.items():
+        values = list(getattr(dist, "choices", None) or (dist.low, dist.high))
+        shown = f"{key}: searched over {_shown(dist)}"
+        if key in GROUPS:
+            options = group_options(key)
+            for value in values:
+                if value not in options:
+                    raise UserError(
+                        f"{shown}; {value} is not a {key}, choose from {', '.join(options)}"
+                    )
+        elif rule := rules.get(key):
+            if not all(_fits(rule.kind, v) for v in values) or (
+                rule.kind is int and isinstance(dist, FloatDistribution)
+            ):
+                raise UserError(f"{shown}, but {key} must be {rule.allowed}; "
+                                "for integers use int(interval(a, b)) or range(a, b)")  # fmt: skip
+            for value in values:
+                try:
+                    rule.check(key, value)
+                except UserError:
+                    raise UserError(f"{shown}, but {key} must be {rule.allowed}") from None
+
+
+def _fits(kind: type, value) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int) if kind is int else isinstance(value, kind | int)
+
+
+def _shown(dist) -> str:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return f"choice({', '.join(map(str, dist.choices))})"
+    kind = "integers" if isinstance(dist, IntDistribution) else "floats"
+    return f"{'log-scaled ' if dist.log else ''}{kind} in [{dist.low}, {dist.high}]"
 
 
 def knob_error(error: BaseException | None, rules: dict[str, Knob]) -> UserError | None:

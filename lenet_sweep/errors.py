@@ -13,8 +13,15 @@ from lenet_sweep.urls import mask_url
 show_tracebacks = False
 
 
+# Exit codes (README, "When things go wrong"); an internal error exits 1 with its traceback,
+# an interrupt 128 + the signal's number (130 Ctrl-C, 143 SIGTERM).
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SWEEP_FAILED = 2, 3, 4
+
+
 class UserError(CompactHydraException):
     """Bad input or environment: the message names the problem and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -47,14 +54,15 @@ def one_line(error: BaseException) -> str:
     cause = error.__cause__  # Hydra's own errors keep the useful part in the cause
     if not isinstance(error, UserError) and cause is not None and str(cause).strip():
         first = first_line(cause, limit=10_000).rstrip(".")
-        if first not in head:
+        if not any(first in line for line in head):
             head.append(first)
     return mask_url("; ".join(head) or type(error).__name__)
 
 
-def exit_with(error: BaseException, code: int = 2):
-    """Print `error: <message>` as one line and exit; HYDRA_FULL_ERROR=1 keeps the traceback."""
+def exit_with(error: BaseException):
+    """Print `error: <message>` as one line and exit with its code; HYDRA_FULL_ERROR=1 keeps the
+    traceback."""
     if show_tracebacks:
         raise error
     sys.stderr.write(f"error: {one_line(error)}\n")
-    sys.exit(code)
+    sys.exit(getattr(error, "exit_code", EXIT_BAD_INPUT))

@@ -14,12 +14,14 @@ from pathlib import Path
 import optuna
 
 from lenet_sweep.checkpoint import Checkpoint
-from lenet_sweep.errors import UserError
+from lenet_sweep.errors import EXIT_DIVERGED, UserError
 from lenet_sweep.train import EpochHook, TrainState
 
 
 class Diverged(UserError):
     """The training loss became NaN, inf, or larger than the divergence threshold."""
+
+    exit_code = EXIT_DIVERGED
 
     def __init__(self, epoch: int, loss: float, threshold: float | None = None):
         limit = "" if threshold is None or not math.isfinite(loss) else f" > {threshold:g}"

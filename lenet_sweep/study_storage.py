@@ -8,7 +8,6 @@ public API.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import threading
 import time
@@ -20,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lenet_sweep import protocol
 from lenet_sweep.errors import UserError, describe
+from lenet_sweep.stores import sqlite_lock
 from lenet_sweep.tracking_store import HOST, pid_alive
-from lenet_sweep.urls import mask_url, sqlite_path
+from lenet_sweep.urls import mask_url
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -38,19 +38,18 @@ _PG_ASK_LOCK = 0x1E9E75  # one PostgreSQL advisory lock id for lenet_sweep's ask
 def open_storage(
     url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
 ) -> optuna.storages.RDBStorage:
-    """The study's RDB storage (heartbeats on when given), retrying a table-creation race."""
-    if path := sqlite_path(url):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """The study's RDB storage (heartbeats on when given). sqlite: created under its lock;
+    other databases: a table-creation race between workers is retried."""
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                engine_kwargs={"pool_pre_ping": True},
-            )
+            with sqlite_lock(url):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except Exception as e:  # noqa: BLE001 - driver errors vary: connection refused, bad URL...
-            # Workers starting together race to create Optuna's tables: the loser retries.
             racing = any(w in str(e) for w in ("already exists", "duplicate key", "UNIQUE"))
             if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
@@ -65,14 +64,7 @@ def open_storage(
 @contextlib.contextmanager
 def ask_lock(storage: optuna.storages.RDBStorage, url: str) -> Iterator[None]:
     """Serialise count-then-ask across worker processes, so n_trials is never overshot."""
-    if path := sqlite_path(url):
-        with open(f"{path}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    elif url.startswith("postgresql"):
+    if url.startswith("postgresql"):
         import sqlalchemy
 
         with storage.engine.connect() as conn:
@@ -82,8 +74,9 @@ def ask_lock(storage: optuna.storages.RDBStorage, url: str) -> Iterator[None]:
             finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_ASK_LOCK})
                 conn.commit()
-    else:  # other databases: concurrent workers may overshoot n_trials by up to n_jobs - 1
-        yield
+    else:  # sqlite: a file lock; other databases may overshoot n_trials by up to n_jobs - 1
+        with sqlite_lock(url):
+            yield
 
 
 def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:

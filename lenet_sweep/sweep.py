@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -24,9 +25,19 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
-from lenet_sweep import protocol, search_space, signals, study_storage, tracking, tracking_store
+from lenet_sweep import (
+    OUTPUTS_DIR,
+    config,
+    protocol,
+    search_space,
+    signals,
+    study_storage,
+    tracking,
+    tracking_store,
+)
 from lenet_sweep.config import check_knobs
-from lenet_sweep.errors import UserError, describe
+from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError, describe
+from lenet_sweep.stores import check_sqlite, check_writable_dir
 from lenet_sweep.tracking import SweepRun
 from lenet_sweep.urls import mask_url
 
@@ -34,7 +45,9 @@ log = logging.getLogger("lenet_sweep.sweep")
 
 
 class SweepFailed(UserError):
-    """The sweep ran but its trials failed (exit 1; bad input exits 2)."""
+    """The sweep ran but its trials failed (no trial completed, or too many failed)."""
+
+    exit_code = EXIT_SWEEP_FAILED
 
 
 def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) -> TrialState:
@@ -52,23 +65,23 @@ def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) 
 class OptunaSweep:
     """One sweep process: settings + Hydra's composed config + a launcher."""
 
-    def __init__(self, settings: LenetOptunaSweeperConf, config: DictConfig, launcher):
+    def __init__(self, settings: LenetOptunaSweeperConf, config: DictConfig, launcher,
+                 group_options: Callable[[str], list[str]]):  # fmt: skip
         self.settings, self.config, self.launcher = settings, config, launcher
+        self.group_options = group_options  # a config group's options, from Hydra's loader
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
     def run(self, arguments: list[str]) -> None:
         settings = self.settings
-        check_knobs(settings, LenetOptunaSweeperConf, "hydra.sweeper.")
-        if not settings.study_name:
-            raise UserError("hydra.sweeper.study_name is empty: name the study to store and resume")
+        self._check(arguments)
         space, fixed = self._search_space(arguments)
         sampler = self._sampler(space)
-        storage = study_storage.open_storage(
-            settings.storage, settings.heartbeat_interval, settings.grace_period
-        )
         experiment_id = tracking_store.prepare_experiment(
             self.mlflow_uri, self.config.mlflow.experiment
+        )
+        storage = study_storage.open_storage(
+            settings.storage, settings.heartbeat_interval, settings.grace_period
         )
         study = self._open_study(storage, sampler)
         tracking.kill_trial_runs(self.mlflow_uri, study_storage.fail_dead_workers(study))
@@ -90,6 +103,18 @@ class OptunaSweep:
         self._finish(study, parent, states, time.perf_counter() - started)
 
     # --- set-up -------------------------------------------------------------------------
+    def _check(self, arguments: list[str]) -> None:
+        """Everything a trial would fail on, refused before any study, run or folder exists."""
+        check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
+        if not self.settings.study_name:
+            raise UserError("hydra.sweeper.study_name is empty: name the study to store and resume")
+        config.validate(self.config)  # the fixed values every trial shares
+        config.resolve_device(self.config.device)
+        config.check_search_space(self._search_space(arguments)[0], self.group_options)
+        check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", OUTPUTS_DIR)
+        check_writable_dir(self.sweep_dir, f"hydra.sweep.dir={self.sweep_dir}",
+                           "make it writable or set hydra.sweep.dir to a writable folder")  # fmt: skip
+
     def _search_space(self, arguments: list[str]):
         params = self.settings.params or {}
         params_conf = [f"{k}={v}" for k, v in params.items()]

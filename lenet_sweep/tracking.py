@@ -37,7 +37,7 @@ class Run:
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(mask_url(str(v)))[:6000]) for k, v in params.items()]
+        items = [Param(k, v) for k, v in as_logged(params).items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -79,10 +79,12 @@ class TrackedRun(Run):
                 experiment_id, run_name=mask_url(run_name), tags=tags
             )
             super().__init__(uri, mlflow_run.info.run_id)
-        else:  # resume into the same run
+        else:  # resume into the same run: it is running again, the interruption is over
             super().__init__(uri, run_id)
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags)
+            with contextlib.suppress(Exception):  # no error tag: nothing to remove
+                self.client.delete_tag(run_id, "error")
 
     def __enter__(self) -> TrackedRun:
         return self
@@ -178,9 +180,30 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# Config keys that are bookkeeping, not settings: in config.yaml and tags, not in params.
+_NOT_PARAMS = ("resume", "progress")
+
+
 def config_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened composed config (credentials are masked when logged)."""
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    """The flattened composed config, less bookkeeping (credentials are masked when logged)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in flat.items() if k not in _NOT_PARAMS}
+
+
+def as_logged(params: Mapping[str, object]) -> dict[str, str]:
+    """Params as MLflow keeps them: text, credentials masked, cut at MLflow's 6000 characters."""
+    return {k: str(mask_url(str(v)))[:6000] for k, v in params.items()}
+
+
+def continuable(uri: str, run_id: str | None, params: dict[str, str]) -> str | None:
+    """`run_id` when a resume may continue that run: it is not FINISHED and was logged with the
+    same params (MLflow params cannot change). Else None: the resume becomes a new run."""
+    try:
+        run = client(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, or another store
+        return None
+    same = run.data.params == as_logged(params)
+    return run_id if same and run.info.status != "FINISHED" else None
 
 
 def git_commit() -> str | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
 from lenet_sweep.errors import UserError, describe
+from lenet_sweep.stores import check_sqlite, sqlite_lock
 from lenet_sweep.urls import SQLITE, mask_url, sqlite_path
 
 HOST = socket.gethostname()
@@ -47,28 +50,50 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def prepare_experiment(uri: str, name: str) -> str:
-    """Create the store and the experiment once (parallel first writers to new sqlite fail)."""
-    if path := sqlite_path(uri):
-        os.makedirs(path.parent, exist_ok=True)
+    """The experiment's id, creating the store and the experiment on first use.
+
+    A new sqlite store is built (tables and migrations) under its lock, so that runs and sweeps
+    starting together never leave it half-migrated.
+    """
+    if not name:
+        raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
+    check_sqlite(uri, "MLflow store", "MLFLOW_TRACKING_URI / mlflow.tracking_uri", OUTPUTS_DIR)
     try:
-        mlflow_client = client(uri)
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
-        except Exception:  # noqa: BLE001 - another process created it first
+        with sqlite_lock(uri):
+            mlflow_client = client(uri)  # the first client of a new store creates its tables
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
-                raise
-            return experiment.experiment_id
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, locked store...
+                with contextlib.suppress(Exception):  # a server: another worker made it first
+                    mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
+                experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise RuntimeError(f"experiment {name!r} could not be created")
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
+        raise _store_error(uri, name, e) from e
+    if experiment.lifecycle_stage != "active":
         raise UserError(
-            f"MLflow tracking URI {mask_url(uri)} is not usable ({describe(e)}); start the server "
-            "or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to a reachable store"
-        ) from e
+            f"mlflow.experiment={name}: the experiment is deleted in {mask_url(uri)}; restore it "
+            f"(MLflow UI, or `mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}` with MLFLOW_TRACKING_URI set) or pick another "
+            "mlflow.experiment"
+        )
+    return experiment.experiment_id
+
+
+def _store_error(uri: str, name: str, error: Exception) -> UserError:
+    text = str(error)
+    if "_alembic_tmp" in text or re.search(r"table \S+ already exists", text):
+        return UserError(
+            f"the MLflow store {mask_url(uri)} is half-migrated ({describe(error)}); move the "
+            "file aside (the next run makes a new one), or drop its _alembic_tmp_* tables and "
+            f"run `mlflow db upgrade {mask_url(uri)}`"
+        )
+    if "experiment name" in text.lower():
+        return UserError(f"mlflow.experiment={name}: not a usable name ({describe(error)})")
+    return UserError(
+        f"MLflow tracking URI {mask_url(uri)} is not usable ({describe(error)}); start the server "
+        "or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to a reachable store"
+    )
 
 
 def pid_alive(pid: int) -> bool:

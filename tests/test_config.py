@@ -7,9 +7,9 @@ import pytest
 from tests.conftest import SMALL, run_cli, runs_of
 
 SINGLE = [
-    ("lr=-1", "error: lr=-1: must be a number > 0, e.g. lr=0.1"),
-    ("lr=0", "error: lr=0: must be a number > 0, e.g. lr=0.1"),
-    ("lr=abc", "error: lr=abc: must be a number > 0, e.g. lr=0.1"),
+    ("lr=-1", "error: lr=-1: must be a finite number > 0, e.g. lr=0.1"),
+    ("lr=0", "error: lr=0: must be a finite number > 0, e.g. lr=0.1"),
+    ("lr=abc", "error: lr=abc: must be a finite number > 0, e.g. lr=0.1"),
     ("epochs=0", "error: epochs=0: must be an integer >= 1, e.g. epochs=10"),
     ("epochs=2.5", "error: epochs=2.5: must be an integer >= 1, e.g. epochs=10"),
     ("batch_size=0", "error: batch_size=0: must be an integer from 1 to the training set size"),
@@ -20,7 +20,7 @@ SINGLE = [
     ("device=tpu", "error: device=tpu: unknown device; allowed: auto, cpu, cuda, cuda:N"),
     ("progress=maybe", "error: progress=maybe: must be true or false"),
     ("seed=x", "error: seed=x: must be an integer, e.g. seed=0"),
-    ("data.train_size=0", "error: data.train_size=0: must be null or an integer >= 1"),
+    ("data.train_size=0", "error: data.train_size=0: must be null or an integer from 1 to the split's size"),
     ("no_such_key=1", "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1"),
 ]  # fmt: skip
 

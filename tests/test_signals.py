@@ -112,7 +112,7 @@ def test_kill_9_leaves_state_the_next_start_repairs(tmp_path, mlflow_uri, experi
 
 def test_diverging_run_stops_failed_with_tag(tmp_path, mlflow_uri, experiment):
     proc = run_cli(*_common(mlflow_uri, experiment, tmp_path), "lr=50")
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # diverged: not bad input (2)
     assert proc.stderr.strip().startswith("error: training diverged at epoch 1: train loss")
     _, [run] = runs_of(mlflow_uri, experiment)
     assert run.info.status == "FAILED"

@@ -18,16 +18,17 @@ class LenetOptunaSweeper(Sweeper):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        self.config = config
+        self.config, self.config_loader = config, hydra_context.config_loader
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from lenet_sweep.sweep import OptunaSweep, SweepFailed
+        from lenet_sweep.sweep import OptunaSweep
 
         try:
-            sweep = OptunaSweep(self.settings, self.config, self.launcher)
+            options = self.config_loader.get_group_options
+            sweep = OptunaSweep(self.settings, self.config, self.launcher, options)
             sweep.run(arguments)
         except UserError as e:
-            exit_with(e, code=1 if isinstance(e, SweepFailed) else 2)
+            exit_with(e)

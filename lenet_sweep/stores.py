@@ -1,0 +1,67 @@
+"""sqlite stores on disk: writability checked up front, and creation under a lock, so that
+parallel first starts never race to build a store's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lenet_sweep.errors import UserError
+from lenet_sweep.urls import sqlite_path
+
+
+def check_writable_dir(folder: Path, what: str, fix: str) -> None:
+    """`folder`, or the nearest existing folder above it, takes new files (root ignores modes, so
+    this writes a probe: immutable files and read-only mounts refuse it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {existing} ({e.strerror}); {fix}") from e
+
+
+def check_sqlite(url: str, what: str, key: str, own_dir: Path) -> None:
+    """A sqlite store can be created or written: its folder exists (only `own_dir`, the project's
+    outputs/, is made for it), and the folder and the file take writes. `key` sets the URL."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    what, fix = f"{what} {url}", f"make it writable or set {key} to another file"
+    if not path.parent.is_dir():
+        if path.parent.resolve() != own_dir.resolve():
+            raise UserError(
+                f"{what}: folder {path.parent} does not exist; "
+                f"create it or set {key} to a file in an existing folder"
+            )
+        check_writable_dir(path.parent, what, fix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(path.parent, what, fix)  # sqlite writes its journal beside the file
+    if path.exists():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # opens for writing, writes nothing
+        except OSError as e:
+            raise UserError(f"{what}: {path} is not writable ({e.strerror}); {fix}") from e
+
+
+@contextlib.contextmanager
+def sqlite_lock(url: str) -> Iterator[None]:
+    """Hold `<file>.lock` beside a sqlite store: while it may be created or migrated, and for the
+    sweep's count-then-ask. Other stores pass (a server or database serialises its own)."""
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,265 @@
+"""Faults as users meet them: parallel first starts, unwritable or broken stores, a deleted
+experiment, search spaces that cannot work, resumes. Each read back from the stores and the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL, run_cli, runs_of
+
+TINY = [*SMALL, "data.train_size=256", "data.test_size=256"]
+
+
+def _one_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "mlflow.store.db" not in ln]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def immutable(path: Path):
+    """chattr +i: root bypasses file modes, not the immutable flag."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this filesystem")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def _store_is_healthy(db: Path) -> None:
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert "runs" in names and not any(n.startswith("_alembic_tmp") for n in names), names
+
+
+@pytest.mark.slow
+def test_runs_started_together_on_a_new_store_are_all_recorded(tmp_path):
+    for round_ in range(5):
+        db = tmp_path / f"round{round_}" / "mlflow.db"
+        db.parent.mkdir()
+        uri = f"sqlite:///{db}"
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "lenet_sweep", *TINY, f"mlflow.tracking_uri={uri}",
+                              "mlflow.experiment=e", f"hydra.run.dir={db.parent / str(i)}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(4)
+        ]  # fmt: skip
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-1500:] for o in outputs)
+        _, runs = runs_of(uri, "e")
+        assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+        assert all(r.data.metrics["test_acc"] > 0 for r in runs)
+        _store_is_healthy(db)
+
+
+@pytest.mark.slow
+def test_sweeps_started_together_on_new_stores_share_the_study(tmp_path):
+    args = ["-m", *TINY, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.experiment=e", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+            "hydra.sweeper.study_name=s", "hydra.sweeper.n_trials=4", "lr=interval(0.1, 1.0)"]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args, f"hydra.sweep.dir={tmp_path / str(i)}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    import optuna
+
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    _, runs = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
+    assert len(runs) == 5  # one parent, four children
+    _store_is_healthy(tmp_path / "mlflow.db")
+
+
+def test_a_half_migrated_store_is_named_with_the_repair(tmp_path):
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as conn:  # what a migration killed half-way leaves behind
+        conn.execute("CREATE TABLE _alembic_tmp_tags (id INTEGER)")
+    proc = run_cli(*TINY, f"mlflow.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    line = _one_line(proc)
+    assert line.startswith(f"error: the MLflow store sqlite:///{db} is half-migrated (")
+    assert "drop its _alembic_tmp_* tables and run `mlflow db upgrade" in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("folder", ["/proc/nope", "MISSING"])
+def test_sqlite_store_in_a_missing_folder_is_refused(folder, tmp_path):
+    folder = str(tmp_path / "no" / "dir") if folder == "MISSING" else folder
+    url = f"sqlite:///{folder}/x.db"
+    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'r'}", env={"MLFLOW_TRACKING_URI": url})
+    assert proc.returncode == 2
+    assert _one_line(proc) == (
+        f"error: MLflow store {url}: folder {folder} does not exist; create it or set "
+        "MLFLOW_TRACKING_URI / mlflow.tracking_uri to a file in an existing folder"
+    )
+    assert not Path(folder).exists() and not (tmp_path / "r").exists()
+
+    proc = run_cli("-m", *TINY, f"hydra.sweeper.storage={url}", f"hydra.sweep.dir={tmp_path / 'm'}",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+    assert proc.returncode == 2
+    assert _one_line(proc).startswith(
+        f"error: Optuna storage {url}: folder {folder} does not exist"
+    )
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
+
+
+def test_unwritable_mlflow_store_is_refused_before_training(tmp_path):
+    db = tmp_path / "mlflow.db"
+    assert (
+        run_cli(
+            *TINY, f"mlflow.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'a'}"
+        ).returncode
+        == 0
+    )
+    before = db.read_bytes()
+    with immutable(db):
+        proc = run_cli(
+            *TINY, f"mlflow.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'b'}"
+        )
+    assert proc.returncode == 2
+    assert _one_line(proc).startswith(
+        f"error: MLflow store sqlite:///{db}: {db} is not writable (Operation not permitted); "
+        "make it writable or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to another file"
+    )
+    assert "training on" not in proc.stdout and db.read_bytes() == before
+    assert not (tmp_path / "b").exists()
+
+
+def test_unwritable_outputs_are_refused(tmp_path):
+    locked = tmp_path / "outputs"
+    locked.mkdir()
+    with immutable(locked):
+        single = run_cli(*TINY, f"hydra.run.dir={locked / 'run'}",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+        sweep = run_cli("-m", *TINY, f"hydra.sweep.dir={locked / 'multirun'}", "lr=interval(0.1, 1.0)",
+                        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+    assert single.returncode == 2
+    assert _one_line(single) == (
+        f"error: cannot write {locked / 'run'} (Operation not permitted); make it writable or set "
+        "hydra.run.dir (hydra.sweep.dir with -m) to a writable folder"
+    )
+    assert sweep.returncode == 2
+    assert _one_line(sweep).startswith(
+        f"error: hydra.sweep.dir={locked / 'multirun'}: cannot write in {locked} (Operation not permitted)"
+    )
+    assert not (tmp_path / "optuna.db").exists()  # no study made for a sweep that cannot run
+    _, runs = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "lenet_sweep")
+    assert runs == []
+
+
+def test_a_deleted_experiment_is_named_with_the_fix(tmp_path, mlflow_uri, experiment):
+    from lenet_sweep import tracking_store
+
+    client = tracking_store.client(mlflow_uri)
+    client.delete_experiment(tracking_store.prepare_experiment(mlflow_uri, "fresh-" + experiment))
+    common = [f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment=fresh-{experiment}"]
+    single = run_cli(*TINY, *common, f"hydra.run.dir={tmp_path / 'r'}")
+    sweep = run_cli("-m", *TINY, *common, "lr=interval(0.1, 1.0)", f"hydra.sweep.dir={tmp_path / 'm'}",
+                    f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}")  # fmt: skip
+    for proc in (single, sweep):
+        assert proc.returncode == 2
+        line = _one_line(proc)
+        assert line.startswith(
+            f"error: mlflow.experiment=fresh-{experiment}: the experiment is deleted in"
+        )
+        assert "restore it (MLflow UI, or `mlflow experiments restore --experiment-id" in line
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=inf", "error: lr=inf: must be a finite number > 0, e.g. lr=0.1"),
+        ("lr=1e400", "error: lr=inf: must be a finite number > 0, e.g. lr=0.1"),
+        ("data.train_size=100000", "error: data.train_size=100000: must be null or an integer from 1 to the split's size (60000 here)"),
+        ("data.test_size=20000", "error: data.test_size=20000: must be null or an integer from 1 to the split's size (10000 here)"),
+        ("mlflow.experiment=''", "error: mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep"),
+    ],
+)  # fmt: skip
+def test_values_that_slipped_through_are_refused(override, message, tmp_path):
+    proc = run_cli(*SMALL, override, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                   f"hydra.run.dir={tmp_path / 'runs' / 'r'}")  # fmt: skip
+    assert proc.returncode == 2
+    assert _one_line(proc) == message
+    assert not (tmp_path / "m.db").exists()  # refused before any store was made
+    assert not (tmp_path / "runs" / "r").exists()  # and no run dir is left behind
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("epochs=interval(1.5, 3.5)", "error: epochs: searched over floats in [1.5, 3.5], but epochs must be an integer >= 1, e.g. epochs=10; for integers use int(interval(a, b)) or range(a, b)"),
+        ("lr=tag(log, interval(0.0, 1.0))", "error: lr=tag(log, interval(0.0, 1.0)): log scale needs low > 0"),
+        ("lr=interval(0.0, 1.0)", "error: lr: searched over floats in [0.0, 1.0], but lr must be a finite number > 0, e.g. lr=0.1"),
+        ("lr=choice(0.1, inf)", "error: lr: searched over choice(0.1, inf), but lr must be a finite number > 0, e.g. lr=0.1"),
+        ("model=choice(lenet, resnet)", "error: model: searched over choice(lenet, resnet); resnet is not a model, choose from lenet, lenet_relu"),
+        ("lr=choice()", "error: Error parsing override 'lr=choice()'; ValueError while evaluating 'choice()': empty choice is not legal"),
+    ],
+)  # fmt: skip
+def test_search_spaces_that_cannot_work_are_refused_before_the_study(space, message, tmp_path):
+    proc = run_cli("-m", *SMALL, space, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"hydra.sweep.dir={tmp_path / 'x'}")  # fmt: skip
+    assert proc.returncode == 2
+    assert _one_line(proc) == message
+    assert not (tmp_path / "o.db").exists() and not (tmp_path / "m.db").exists()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigint_ends_clean_and_a_longer_resume_is_a_new_run(
+    tmp_path, mlflow_uri, experiment
+):
+    common = [*SMALL, "epochs=5", "data.train_size=8000", f"mlflow.tracking_uri={mlflow_uri}",
+              f"mlflow.experiment={experiment}"]  # fmt: skip
+    first = tmp_path / "first"
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *common, f"hydra.run.dir={first}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    while not (first / "checkpoint.pt").exists():  # epoch 1 done: 4 epochs to go
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    client, [killed] = runs_of(mlflow_uri, experiment)
+    assert killed.info.status == "KILLED" and killed.data.tags["error"].startswith("Terminated")
+
+    again = run_cli(*common, f"hydra.run.dir={tmp_path / 'second'}", f"resume={first}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    _, [run] = runs_of(mlflow_uri, experiment)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "error" not in run.data.tags  # the interruption is over
+    assert len(client.get_metric_history(run.info.run_id, "examples_per_sec")) == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+
+    longer = run_cli(
+        *common, "epochs=6", f"hydra.run.dir={tmp_path / 'third'}", f"resume={tmp_path / 'second'}"
+    )
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    _, runs = runs_of(mlflow_uri, experiment)
+    new = next(r for r in runs if r.info.run_id != run.info.run_id)
+    assert new.data.tags["lenet_sweep.resumed_from"] == run.info.run_id
+    assert new.data.params["epochs"] == "6" and run.data.params["epochs"] == "5"  # each its own
+    steps = [m.step for m in client.get_metric_history(new.info.run_id, "test_acc")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # the history it continues, then its own epoch
+    state = torch.load(tmp_path / "third" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 6 and state["mlflow_run_id"] == new.info.run_id

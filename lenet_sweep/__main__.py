@@ -26,8 +26,8 @@ config.register()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Train once (or once per trial under -m); returns the objective, final test accuracy."""
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Train once (or once per trial under -m); returns the final metrics (the objectives)."""
     try:
         return run(cfg)
     except UserError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,12 @@ TAG_RESUMED_FROM = "lenet_sweep.resumed_from"  # a resume that could not continu
 
 @dataclass
 class HydraJob:
-    """What this job takes from Hydra: its output dir, the user's overrides, the sweep's pruner."""
+    """What this job takes from Hydra: its output dir, the user's overrides, the group options
+    chosen, the sweep's pruner."""
 
     output_dir: str | None = None
     overrides: list[str] = field(default_factory=list)
+    choices: dict = field(default_factory=dict)
     pruner_cfg: DictConfig | None = None
 
     @classmethod
@@ -37,21 +38,15 @@ class HydraJob:
             return cls()  # called as a function (tests, notebooks)
         hc = HydraConfig.get()
         overrides = [o for o in hc.overrides.task if not protocol.is_trial_override(o)]
-        return cls(hc.runtime.output_dir, overrides, hc.sweeper.get("pruner"))
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+        return cls(hc.runtime.output_dir, overrides, choices, hc.sweeper.get("pruner"))
 
 
-def _run_name(cfg: DictConfig, overrides: list[str]) -> str | None:
-    if cfg.mlflow.run_name:
-        return str(cfg.mlflow.run_name)
-    if cfg.trial.number is None:
-        return None  # MLflow picks a name
-    parts = [f"t{int(cfg.trial.number):03d}"]
-    for override in overrides:
-        key, _, value = override.partition("=")
-        with contextlib.suppress(ValueError):  # numbers shortened, names kept
-            value = value if value.isdigit() else f"{float(value):.3g}"
-        parts.append(f"{key}={value}")
-    return " ".join(parts)
+def _run_name(cfg: DictConfig, params: dict) -> str:
+    """mlflow.run_name, else the sweeper's trial name, else the config: `lenet sgd lr=0.9 ep=10`."""
+    if cfg.mlflow.run_name or cfg.trial.name:
+        return str(cfg.mlflow.run_name or cfg.trial.name)
+    return f"{params['model']} {params['optimizer']} lr={cfg.lr:g} ep={cfg.epochs}"
 
 
 def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dict[str, str]:
@@ -69,8 +64,8 @@ def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dic
     return tags
 
 
-def run(cfg: DictConfig) -> float:
-    """Train once and record it; returns the final test accuracy (the sweep objective)."""
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train once and record it; returns the final metrics (a sweep's objectives pick from them)."""
     config.validate(cfg)
     device = config.resolve_device(cfg.device)
     uri = tracking_store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -85,8 +80,8 @@ def run(cfg: DictConfig) -> float:
     net, optimizer = build(cfg, device)
     resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
 
-    run_name, tags = _run_name(cfg, job.overrides), _tags(device, job, link, cfg)
-    params = tracking.config_params(cfg)
+    params = tracking.run_params(cfg, job.choices)
+    run_name, tags = _run_name(cfg, params), _tags(device, job, link, cfg)
     run_id = resume and tracking.continuable(uri, resume.mlflow_run_id, params)
     if resume and not run_id:  # a finished run, or other settings (epochs): a new run
         tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
@@ -111,11 +106,13 @@ def run(cfg: DictConfig) -> float:
             mlrun.set_tags({"diverged": "true", "diverged_at_epoch": e.epoch})
             raise
         mlrun.log_summary(result)
+        mlrun.log_model(net)
+        log.info("MLflow run %s: %s", mlrun.run_id, tracking_store.ui_link(uri, experiment_id))
         _print_seed_lines(result, device)
         if link is not None:
             mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
             link.completed(result.train_time_s + result.eval_time_s)
-    return float(result.final["test_acc"])
+    return result.metrics()
 
 
 def _epoch_hooks(cfg, job: HydraJob, mlrun: tracking.TrackedRun, link: TrialLink | None):
@@ -135,6 +132,7 @@ def _epoch_hooks(cfg, job: HydraJob, mlrun: tracking.TrackedRun, link: TrialLink
         def end_pruned(state) -> None:  # a pruned trial is a normal end, marked by its tag
             mlrun.set_tags({protocol.TAG_TRIAL_STATE: "PRUNED", "pruned_at_epoch": state.epoch})
             mlrun.log_summary(state.result)
+            mlrun.log_model(state.net)
             mlrun.end("FINISHED")
 
         epoch_hooks.append(hooks.prune(link, end_pruned))

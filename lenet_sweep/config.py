@@ -85,6 +85,7 @@ class TrialConf:
     """Set by the sweeper for each trial (see lenet_sweep.protocol); null for a single run."""
 
     number: int | None = None
+    name: str | None = None  # the MLflow run name, e.g. "t003 lr=0.0826 ep=12"
     study_name: str | None = None
     parent_run_id: str | None = None
 

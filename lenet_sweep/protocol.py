@@ -7,7 +7,8 @@ MLflow store. End to end, in order:
 1. The sweeper asks a trial and marks it with WORKER_HOST and WORKER_PID, so that a later start
    can fail the trial if this worker dies. It creates the study's MLflow parent run once and
    keeps its id in the study user attr PARENT_RUN_ID (a resumed sweep reopens it).
-2. It launches the job with `trial_overrides` (TRIAL_NUMBER, TRIAL_STUDY, TRIAL_PARENT_RUN) and
+2. It launches the job with `trial_overrides` (TRIAL_NUMBER, TRIAL_NAME for its MLflow run,
+   TRIAL_STUDY, TRIAL_PARENT_RUN) and
    the storage URL in STORAGE_ENV, set by `storage_env`: not an override, because Hydra logs
    overrides and the URL may hold a password. Launcher processes inherit the variable.
 3. The job (lenet_sweep.trial_link) opens that storage, finds its trial by number and rebuilds
@@ -15,8 +16,9 @@ MLflow store. End to end, in order:
    writes MLFLOW_RUN_ID once its run exists, reports each epoch's objective (the pruner may stop
    it: TrialPruned) and, when done, TRAIN_TIME_S. Its MLflow run carries TAG_PARENT_RUN,
    TAG_STUDY_NAME, TAG_TRIAL_NUMBER and, at its end, TAG_TRIAL_STATE.
-4. The job returns the objective or raises. The sweeper turns the JobReturn into an Outcome
-   (`job_outcome`), tells the study, and on failure writes FAIL_REASON: such a trial counts
+4. The job returns its metrics (a mapping; a number or a list of numbers from other apps) or
+   raises. The sweeper turns the JobReturn into an Outcome (`job_outcome`, the values of the
+   objectives it names), tells the study, and on failure writes FAIL_REASON: such a trial counts
    toward n_trials, while one failed by a dead worker (no FAIL_REASON) is run again.
 5. Repair on the next start: trials of dead workers are failed and their MLFLOW_RUN_ID runs KILLED.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -38,6 +40,7 @@ from lenet_sweep.urls import mask_url
 # Overrides the sweeper gives each job (the `trial` node of the job's config).
 TRIAL_PREFIX = "trial."
 TRIAL_NUMBER = "trial.number"
+TRIAL_NAME = "trial.name"
 TRIAL_STUDY = "trial.study_name"
 TRIAL_PARENT_RUN = "trial.parent_run_id"
 STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # the storage URL, for jobs in any process
@@ -49,6 +52,7 @@ MLFLOW_RUN_ID = "mlflow_run_id"
 TRAIN_TIME_S = "train_time_s"  # training + evaluation, for the sweep's overhead line
 FAIL_REASON = "fail_reason"
 PARENT_RUN_ID = "mlflow_parent_run_id"
+ENQUEUED = "enqueued"  # on the study: hydra.sweeper.enqueue was done, never again
 
 # MLflow tags.
 TAG_PARENT_RUN = "mlflow.parentRunId"
@@ -58,11 +62,12 @@ TAG_TRIAL_STATE = "optuna.trial_state"
 TAG_ROLE = "lenet_sweep.role"  # "sweep" on parent runs
 
 
-def trial_overrides(number: int, study_name: str, parent_run_id: str) -> list[str]:
+def trial_overrides(number: int, name: str, study_name: str, parent_run_id: str) -> list[str]:
     from lenet_sweep.search_space import format_value
 
     return [
         f"{TRIAL_NUMBER}={number}",
+        f"{TRIAL_NAME}={format_value(name)}",
         f"{TRIAL_STUDY}={format_value(study_name)}",
         f"{TRIAL_PARENT_RUN}={parent_run_id}",
     ]
@@ -88,27 +93,42 @@ def storage_env(url: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the study records for one job: its state, its value (COMPLETE), why it failed (FAIL)."""
+    """What the study records for one job: its state, its values (COMPLETE; one per objective),
+    why it failed (FAIL)."""
 
     state: TrialState
-    value: float | None = None
+    values: list[float] | None = None
     reason: str | None = None
 
 
-def job_outcome(ret: JobReturn) -> Outcome:
-    """A finite number -> COMPLETE; TrialPruned -> PRUNED; anything else -> FAIL with a reason."""
+def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
+    """Finite values of the objectives -> COMPLETE; TrialPruned -> PRUNED; else FAIL, with why.
+
+    A job returns a mapping of metrics (the objectives are looked up by name), or, from an app
+    that knows the objectives itself, one number or a list of numbers in their order.
+    """
     if ret.status != JobStatus.COMPLETED:
         error = _job_exception(ret)
         if isinstance(error, optuna.TrialPruned):
             return Outcome(TrialState.PRUNED, reason=str(error) or None)
         return _failed(error)
+    returned = ret.return_value
     try:
-        value = float(ret.return_value)
-    except (TypeError, ValueError):
-        return _failed(ValueError(f"job returned {ret.return_value!r}, not a number"))
-    if not math.isfinite(value):
-        return _failed(ValueError(f"job returned {value}"))
-    return Outcome(TrialState.COMPLETE, value=value)
+        if isinstance(returned, Mapping):
+            values = [float(returned[name]) for name in objectives]
+        else:
+            values = [
+                float(v) for v in (returned if isinstance(returned, Sequence) else [returned])
+            ]
+    except (KeyError, TypeError, ValueError):
+        return _failed(ValueError(f"job returned {returned!r}, not values for {objectives}"))
+    if len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
+        return _failed(ValueError(f"job returned {_shown(values)} for {objectives}"))
+    return Outcome(TrialState.COMPLETE, values=values)
+
+
+def _shown(values: list[float]) -> str:
+    return str(values[0]) if len(values) == 1 else str(values)
 
 
 def _job_exception(ret: JobReturn) -> BaseException:

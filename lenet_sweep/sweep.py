@@ -50,6 +50,10 @@ class SweepFailed(UserError):
     exit_code = EXIT_SWEEP_FAILED
 
 
+DEFAULT_OBJECTIVES = ("test_acc", "train_time_s")  # one per direction, unless named
+_SHORT = {"epochs": "ep", "batch_size": "bs"}  # in trial names, which the MLflow UI cuts
+
+
 def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) -> TrialState:
     """Store one job's outcome in its trial; returns the trial's state."""
     if outcome.state == TrialState.FAIL:
@@ -57,9 +61,21 @@ def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) 
         log.warning("trial %d failed: %s", trial.number, outcome.reason)
     elif outcome.state == TrialState.PRUNED:
         log.info("trial %d pruned (%s)", trial.number, outcome.reason)
-    values = None if outcome.value is None else [outcome.value]
-    study_storage.tell(study, trial, values=values, state=outcome.state)
+    study_storage.tell(study, trial, values=outcome.values, state=outcome.state)
     return outcome.state
+
+
+def trial_name(number: int, params: dict) -> str:
+    """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
+    shown = (f"{_SHORT.get(k, k)}={f'{v:.3g}' if isinstance(v, float) else v}"
+             for k, v in params.items())  # fmt: skip
+    return " ".join([f"t{number:03d}", *shown])
+
+
+def _values(trial, objectives: list[str]) -> str:
+    return " ".join(
+        f"{name}={value:.4g}" for name, value in zip(objectives, trial.values, strict=True)
+    )
 
 
 class OptunaSweep:
@@ -69,6 +85,10 @@ class OptunaSweep:
                  group_options: Callable[[str], list[str]]):  # fmt: skip
         self.settings, self.config, self.launcher = settings, config, launcher
         self.group_options = group_options  # a config group's options, from Hydra's loader
+        direction = settings.direction
+        self.directions = [direction] if isinstance(direction, str) else list(direction)
+        named = settings.objectives
+        self.objectives = list(named) if named else list(DEFAULT_OBJECTIVES[: len(self.directions)])
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
@@ -93,9 +113,11 @@ class OptunaSweep:
             parent = SweepRun.open(self.mlflow_uri, experiment_id, study, {
                 "study_name": study.study_name, "storage": settings.storage,
                 "sampler": type(sampler).__name__, "pruner": type(self._pruner()).__name__,
-                "direction": settings.direction, "n_trials": settings.n_trials,
+                "direction": self.directions, "objectives": self.objectives,
+                "n_trials": settings.n_trials,
                 "search_space": {k: repr(v) for k, v in space.items()},
             })  # fmt: skip
+            self._enqueue(study)
         parent.set_tags({"sweep_dir": self.sweep_dir})
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
@@ -108,12 +130,24 @@ class OptunaSweep:
         check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
         if not self.settings.study_name:
             raise UserError("hydra.sweeper.study_name is empty: name the study to store and resume")
+        self._check_objectives()
         config.validate(self.config)  # the fixed values every trial shares
         config.resolve_device(self.config.device)
         config.check_search_space(self._search_space(arguments)[0], self.group_options)
         check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", OUTPUTS_DIR)
         check_writable_dir(self.sweep_dir, f"hydra.sweep.dir={self.sweep_dir}",
                            "make it writable or set hydra.sweep.dir to a writable folder")  # fmt: skip
+
+    def _check_objectives(self) -> None:
+        if not self.directions or not set(self.directions) <= {"maximize", "minimize"}:
+            raise UserError(f"hydra.sweeper.direction={self.settings.direction}: must be "
+                            "maximize, minimize or a list of them")  # fmt: skip
+        if len(self.objectives) != len(self.directions):
+            raise UserError(f"hydra.sweeper.objectives={self.objectives}: name one metric per "
+                            f"direction ({len(self.directions)}), e.g. [test_acc, train_time_s]")  # fmt: skip
+        if len(self.directions) > 1 and not isinstance(self._pruner(), optuna.pruners.NopPruner):
+            raise UserError("hydra.sweeper.pruner: Optuna cannot prune a study with several "
+                            "objectives; use hydra/sweeper/pruner=none or one direction")  # fmt: skip
 
     def _search_space(self, arguments: list[str]):
         params = self.settings.params or {}
@@ -144,6 +178,14 @@ class OptunaSweep:
             sampler = sampler()
         return sampler
 
+    def _enqueue(self, study: optuna.Study) -> None:
+        """Warm start: hydra.sweeper.enqueue's parameter sets go first, once per study (a
+        resumed sweep finds them enqueued already). Call under the ask lock."""
+        if self.settings.enqueue and not study.user_attrs.get(protocol.ENQUEUED):
+            for params in self.settings.enqueue:
+                study.enqueue_trial(dict(params), skip_if_exists=True)
+            study.set_user_attr(protocol.ENQUEUED, len(self.settings.enqueue))
+
     def _pruner(self) -> optuna.pruners.BasePruner:
         if not isinstance(self.settings.pruner, optuna.pruners.BasePruner):
             return optuna.pruners.NopPruner()  # pruner: none composes to an empty node
@@ -156,7 +198,7 @@ class OptunaSweep:
                 storage=storage,
                 sampler=sampler,
                 pruner=self._pruner(),
-                direction=self.settings.direction,
+                directions=self.directions,
                 load_if_exists=True,
             )
         except Exception as e:  # noqa: BLE001
@@ -182,7 +224,9 @@ class OptunaSweep:
                     overrides = [self._overrides(t, space, fixed, parent.run_id) for t in in_flight]
                     returns = self.launcher.launch(overrides, initial_job_idx=in_flight[0].number)
                     for trial, ret in zip(in_flight, returns, strict=True):
-                        states.append(record(study, trial, protocol.job_outcome(ret)))
+                        outcome = protocol.job_outcome(ret, self.objectives)
+                        states.append(record(study, trial, outcome))
+                        self._log_progress(study, trial, outcome)
                     heartbeat.watch([])
                     if self._too_many_failures(study):
                         break
@@ -216,8 +260,21 @@ class OptunaSweep:
             get_method(self.settings.custom_search_space)(self.config, trial)
         overrides = [f"{k}={search_space.format_value(v)}" for k, v in trial.params.items()]
         overrides += [f"{k}={v}" for k, v in fixed.items() if k not in trial.params]
-        return overrides + protocol.trial_overrides(trial.number, trial.study.study_name,
+        name = trial_name(trial.number, trial.params)
+        return overrides + protocol.trial_overrides(trial.number, name, trial.study.study_name,
                                                     parent_run_id)  # fmt: skip
+
+    def _log_progress(self, study, trial, outcome: protocol.Outcome) -> None:
+        """One line per finished trial, with the best so far (the Pareto front: several)."""
+        if outcome.state != TrialState.COMPLETE:
+            return
+        done = study.get_trials(deepcopy=False)[trial.number]
+        if len(self.directions) == 1:
+            best = study.best_trial
+            so_far = f"best so far: trial {best.number}, {_values(best, self.objectives)}"
+        else:
+            so_far = f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}"
+        log.info("trial %d done: %s; %s", trial.number, _values(done, self.objectives), so_far)
 
     def _too_many_failures(self, study: optuna.Study) -> bool:
         """Failures measured against n_trials: once past the rate, the sweep can only end past it."""
@@ -237,11 +294,11 @@ class OptunaSweep:
                 f"sweep {study.study_name}: no trial completed ({summary}; {ran}); "
                 "see the trials' fail_reason in Optuna or the child runs' error tag in MLflow"
             )
-        best = study.best_trial
-        results = {"name": "optuna", "best_params": dict(best.params), "best_value": best.value}
+        best = [study.best_trial] if len(self.directions) == 1 else study.best_trials
+        results = self._results(best)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         (self.sweep_dir / "optimization_results.yaml").write_text(yaml.safe_dump(results))
-        parent.record_best(study, results)
+        parent.record_best(study, best, results, self.objectives)
         too_many = self._too_many_failures(study)
         if too_many:
             parent.end("FAILED")
@@ -249,9 +306,12 @@ class OptunaSweep:
             parent.end("FINISHED")
         log.info("sweep %s: %s; %s", study.study_name, summary, ran)
         self._log_overhead(trials, elapsed)
-        log.info("best trial %d: %s = %.4f with %s", best.number, self.settings.direction[:3],
-                 best.value, " ".join(f"{k}={v}" for k, v in best.params.items()))  # fmt: skip
-        log.info("results: %s", self.sweep_dir / "optimization_results.yaml")
+        for trial in best:
+            log.info("%s trial %d: %s with %s", "best" if len(self.objectives) == 1 else "Pareto-optimal",
+                     trial.number, _values(trial, self.objectives),
+                     " ".join(f"{k}={v}" for k, v in trial.params.items()))  # fmt: skip
+        log.info("results: %s; MLflow: %s", self.sweep_dir / "optimization_results.yaml",
+                 tracking_store.ui_link(self.mlflow_uri, parent.experiment_id))  # fmt: skip
         if too_many:
             raise SweepFailed(
                 f"sweep {study.study_name}: {study_storage.job_failures(study)} of "
@@ -259,6 +319,16 @@ class OptunaSweep:
                 f"{self.settings.max_failure_rate}; fix the failing trials (fail_reason in "
                 "Optuna) or raise hydra.sweeper.max_failure_rate"
             )
+
+    def _results(self, best: list) -> dict:
+        """optimization_results.yaml, in the official sweeper's shape (solutions: several)."""
+        if len(self.directions) == 1:
+            return {"name": "optuna", "best_params": dict(best[0].params),
+                    "best_value": best[0].value}  # fmt: skip
+        solutions = [{"number": t.number, "params": dict(t.params), "values": dict(zip(
+            self.objectives, t.values, strict=True))} for t in best]  # fmt: skip
+        return {"name": "optuna", "objectives": dict(zip(self.objectives, self.directions,
+                                                         strict=True)), "solutions": solutions}  # fmt: skip
 
     @staticmethod
     def _log_overhead(trials, elapsed: float) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lenet_sweep import PROJECT_ROOT, protocol
 from lenet_sweep.tracking_store import HOST, TAG_HOST, TAG_PID, client
@@ -57,9 +57,6 @@ class Run:
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, mask_url(text), path)
-
-    def log_dict(self, data: dict, path: str) -> None:
-        self.client.log_dict(self.run_id, data, path)
 
     def log_figure(self, figure, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
@@ -113,6 +110,26 @@ class TrackedRun(Run):
             if stats["epoch"] not in logged:
                 self.log_epoch(stats)
 
+    def log_model(self, net) -> None:
+        """The trained net under `model/`: mlflow.pytorch.load_model("runs:/<id>/model")."""
+        import tempfile
+
+        import mlflow.pytorch
+        import torch
+
+        # Pinned requirements skip MLflow's import-tracing inference (seconds per run); pickle,
+        # because the default pt2 format needs an example input and a traced graph.
+        torch_req = f"torch=={torch.__version__.split('+')[0]}"
+        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning: we load our own nets
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.pytorch.save_model(net, f"{tmp}/model", serialization_format="pickle",
+                                          pip_requirements=[torch_req])  # fmt: skip
+                self.client.log_artifacts(self.run_id, f"{tmp}/model", "model")
+        finally:
+            quiet.level = level
+
     def log_summary(self, result) -> None:
         """The run's totals and its training curves (a TrainResult)."""
         self.log_metrics(
@@ -129,32 +146,42 @@ class TrackedRun(Run):
 class SweepRun(Run):
     """A study's parent run: one per study, reopened when the sweep resumes."""
 
+    def __init__(self, uri: str, run_id: str, experiment_id: str):
+        super().__init__(uri, run_id)
+        self.experiment_id = experiment_id
+
     @classmethod
     def open(cls, uri: str, experiment_id: str, study, params: dict) -> SweepRun:
         """The study's parent run, created on first use (call under the study's ask lock)."""
         run_id = study.user_attrs.get(protocol.PARENT_RUN_ID)
         if run_id is not None:
-            run = cls(uri, run_id)
+            run = cls(uri, run_id, experiment_id)
             run.client.update_run(run_id, status="RUNNING")
             return run
         tags = {protocol.TAG_ROLE: "sweep", protocol.TAG_STUDY_NAME: study.study_name}
         created = client(uri).create_run(
             experiment_id, run_name=f"sweep {study.study_name}", tags=tags
         )
-        run = cls(uri, created.info.run_id)
+        run = cls(uri, created.info.run_id, experiment_id)
         study.set_user_attr(protocol.PARENT_RUN_ID, run.run_id)
         run.log_params(params)
         return run
 
-    def record_best(self, study, results: dict) -> None:
-        """The best trial (metric, tags, results file) and Optuna's plots."""
-        best = study.best_trial
-        self.log_metrics({"best_value": best.value})
-        self.set_tags(
-            {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}
-        )
-        self.log_dict(results, "optimization_results.yaml")
-        log_study_plots(self, study)
+    def record_best(self, study, best: list, results: dict, objectives: list[str]) -> None:
+        """The best trial (the Pareto front: several): metrics, tags naming its run and model,
+        the results file and Optuna's plots."""
+        run_ids = [t.user_attrs.get(protocol.MLFLOW_RUN_ID) for t in best]
+        if len(objectives) == 1:
+            self.log_metrics({"best_value": best[0].value})
+            tags = {"best_trial": best[0].number, "best_run_id": run_ids[0],
+                    "best_model_uri": f"runs:/{run_ids[0]}/model",
+                    **{f"best.{k}": v for k, v in best[0].params.items()}}  # fmt: skip
+        else:
+            tags = {"pareto_trials": ",".join(str(t.number) for t in best),
+                    "pareto_run_ids": ",".join(map(str, run_ids))}  # fmt: skip
+        self.set_tags(tags)
+        self.client.log_dict(self.run_id, results, "optimization_results.yaml")
+        log_study_plots(self, study, objectives)
 
 
 def kill_trial_runs(uri: str, trials) -> None:
@@ -180,14 +207,19 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-# Config keys that are bookkeeping, not settings: in config.yaml and tags, not in params.
-_NOT_PARAMS = ("resume", "progress")
-
-
-def config_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened composed config, less bookkeeping (credentials are masked when logged)."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if k not in _NOT_PARAMS}
+def run_params(cfg: DictConfig, choices: Mapping[str, str]) -> dict[str, object]:
+    """What a researcher sweeps and compares, each once: the knobs, the model and optimizer by
+    name with their settings (not `optimizer.lr`, that is `lr`), the data by name with the slice
+    sizes used. Bookkeeping (checksums, paths, trial.*) stays in config.yaml and the tags."""
+    params: dict[str, object] = {k: cfg[k] for k in ("lr", "epochs", "batch_size", "seed")}
+    for group in ("model", "optimizer"):
+        params[group] = choices.get(group) or str(cfg[group]._target_).rsplit(".", 1)[-1].lower()
+        settings = {k: v for k, v in cfg[group].items() if not k.startswith("_") and k != "lr"}
+        params.update({f"{group}.{k}": v for k, v in settings.items()})
+    params["data"] = cfg.data.name
+    params["data.train_size"] = cfg.data.train_size or cfg.data.num_train
+    params["data.test_size"] = cfg.data.test_size or cfg.data.num_test
+    return params
 
 
 def as_logged(params: Mapping[str, object]) -> dict[str, str]:
@@ -245,20 +277,24 @@ def curves_figure(history: list[dict]):
     return fig
 
 
-def log_study_plots(run, study) -> None:
-    """Optuna's history, parallel-coordinate and importance plots under plots/ of `run`."""
+def log_study_plots(run, study, objectives: list[str]) -> None:
+    """Optuna's plots under plots/ of `run`: history, parallel coordinates and importances of the
+    first objective, and the Pareto front when there are several."""
     _agg()
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    first = {} if len(objectives) == 1 else {"target": lambda t: t.values[0]}
     plots = {
-        "optimization_history.png": ovm.plot_optimization_history,
-        "parallel_coordinate.png": ovm.plot_parallel_coordinate,
-        "param_importances.png": ovm.plot_param_importances,
-    }
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **first, target_name=objectives[0]),
+        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, **first, target_name=objectives[0]),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, **first, target_name=objectives[0]),
+    }  # fmt: skip
+    if len(objectives) > 1:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
     for name, plot in plots.items():
         try:
-            ax = plot(study)
+            ax = plot()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             run.log_figure(fig, f"plots/{name}")
             plt.close(fig)

@@ -15,6 +15,9 @@ from lenet_sweep.urls import SQLITE, mask_url, sqlite_path
 HOST = socket.gethostname()
 # Tags on every run we create, so a later start can tell a dead process's RUNNING run.
 TAG_HOST, TAG_PID = "lenet_sweep.host", "lenet_sweep.pid"
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model
+# training; this tag (read by the UI's experiment page) opens it on the runs table.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def configure_env() -> None:
@@ -64,10 +67,12 @@ def prepare_experiment(uri: str, name: str) -> str:
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 with contextlib.suppress(Exception):  # a server: another worker made it first
-                    mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
+                    mlflow_client.create_experiment(name, _artifact_root(uri), {KIND_TAG: KIND})
                 experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 raise RuntimeError(f"experiment {name!r} could not be created")
+            if experiment.tags.get(KIND_TAG) is None:  # made before we tagged, or by someone else
+                mlflow_client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
         raise _store_error(uri, name, e) from e
     if experiment.lifecycle_stage != "active":
@@ -94,6 +99,13 @@ def _store_error(uri: str, name: str, error: Exception) -> UserError:
         f"MLflow tracking URI {mask_url(uri)} is not usable ({describe(error)}); start the server "
         "or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to a reachable store"
     )
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    """How to see an experiment in the MLflow UI, on its runs table: MLflow 3.17's UI picks GenAI
+    or model-training pages by the `workflowType` in the link (then remembers it), not the tag."""
+    serve = f"mlflow ui --backend-store-uri {mask_url(uri)}" if sqlite_path(uri) else mask_url(uri)
+    return f"{serve}, then open /#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def pid_alive(pid: int) -> bool:

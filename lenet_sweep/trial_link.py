@@ -18,6 +18,8 @@ class TrialLink:
         self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
         self.trial = running_trial(self.study, storage, number)
         self.number = number
+        # Optuna keeps intermediate values (and prunes) for single-objective studies only.
+        self.reports = len(self.study.directions) == 1
 
     @classmethod
     def from_config(cls, trial_cfg, pruner_cfg=None) -> TrialLink | None:
@@ -49,6 +51,8 @@ class TrialLink:
 
     def report(self, value: float, epoch: int) -> bool:
         """Report one epoch's objective; True when the pruner says stop."""
+        if not self.reports:
+            return False
         self.trial.report(value, step=epoch)
         return self.trial.should_prune()
 

@@ -112,12 +112,14 @@ def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experim
         ("hydra.sweeper.n_trials=0", "error: hydra.sweeper.n_trials=0: must be an integer >= 1"),
         ("hydra.sweeper.n_trials=abc", "error: hydra.sweeper.n_trials=abc: must be an integer >= 1"),
         ("hydra.sweeper.max_failure_rate=2", "error: hydra.sweeper.max_failure_rate=2: must be a number in [0, 1]"),
-        ("hydra.sweeper.direction=up", "error: hydra.sweeper.direction=up: must be maximize or minimize"),
+        ("hydra.sweeper.direction=up", "error: hydra.sweeper.direction=up: must be maximize, minimize or a list of them"),
         ("hydra.sweeper.nope=1", "error: Could not override 'hydra.sweeper.nope'"),
+        ("hydra.sweeper.direction=[maximize,minimize] hydra/sweeper/pruner=median", "error: hydra.sweeper.pruner: Optuna cannot prune a study with several objectives; use hydra/sweeper/pruner=none or one direction"),
+        ("hydra.sweeper.direction=[maximize,minimize,maximize]", "error: hydra.sweeper.objectives=['test_acc', 'train_time_s']: name one metric per direction (3), e.g. [test_acc, train_time_s]"),
     ],
 )  # fmt: skip
 def test_bad_sweeper_setting(override, message, tmp_path, mlflow_uri, experiment):
-    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, override))
+    proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, *override.split()))
     assert proc.returncode == 2
     assert _one_line_error(proc).startswith(message)
     assert not (tmp_path / "o.db").exists()  # no study created

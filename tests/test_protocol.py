@@ -25,9 +25,12 @@ def _job(status: str, value) -> JobReturn:
     ("status", "value", "state", "reason"),
     [
         ("COMPLETED", 0.8, TrialState.COMPLETE, None),
-        ("COMPLETED", float("nan"), TrialState.FAIL, "ValueError: job returned nan"),
-        ("COMPLETED", float("inf"), TrialState.FAIL, "ValueError: job returned inf"),
-        ("COMPLETED", "high", TrialState.FAIL, "ValueError: job returned 'high', not a number"),
+        ("COMPLETED", {"test_acc": 0.7, "train_acc": 0.9}, TrialState.COMPLETE, None),
+        ("COMPLETED", float("nan"), TrialState.FAIL, "ValueError: job returned nan for ['test_acc']"),
+        ("COMPLETED", float("inf"), TrialState.FAIL, "ValueError: job returned inf for ['test_acc']"),
+        ("COMPLETED", {"train_acc": 0.9}, TrialState.FAIL,
+         "ValueError: job returned {'train_acc': 0.9}, not values for ['test_acc']"),
+        ("COMPLETED", "high", TrialState.FAIL, "ValueError: job returned 'high', not values for ['test_acc']"),
         ("FAILED", RuntimeError("boom"), TrialState.FAIL, "RuntimeError: boom"),
         ("FAILED", RuntimeError("postgresql://u:pw@h/db down"), TrialState.FAIL,
          "RuntimeError: postgresql://u:***@h/db down"),
@@ -35,9 +38,10 @@ def _job(status: str, value) -> JobReturn:
     ],
 )  # fmt: skip
 def test_job_results_map_to_trial_states(status, value, state, reason):
-    outcome = protocol.job_outcome(_job(status, value))
+    outcome = protocol.job_outcome(_job(status, value), ["test_acc"])
+    expected = value.get("test_acc") if isinstance(value, dict) else value
     assert outcome.state == state
-    assert outcome.value == (value if state == TrialState.COMPLETE else None)
+    assert outcome.values == ([expected] if state == TrialState.COMPLETE else None)
     assert outcome.reason == (reason if state == TrialState.FAIL else outcome.reason)
 
     study = optuna.create_study(direction="maximize")
@@ -48,7 +52,16 @@ def test_job_results_map_to_trial_states(status, value, state, reason):
     assert frozen.state == state
     assert frozen.user_attrs.get(protocol.FAIL_REASON) == reason
     if state == TrialState.COMPLETE:
-        assert frozen.value == value
+        assert frozen.value == expected
+
+
+def test_several_objectives_are_read_by_name_or_in_order():
+    metrics = {"test_acc": 0.8, "train_time_s": 12.0}
+    names = ["test_acc", "train_time_s"]
+    assert protocol.job_outcome(_job("COMPLETED", metrics), names).values == [0.8, 12.0]
+    assert protocol.job_outcome(_job("COMPLETED", [0.8, 12.0]), names).values == [0.8, 12.0]
+    wrong = protocol.job_outcome(_job("COMPLETED", 0.8), names)
+    assert wrong.state == TrialState.FAIL and "0.8 for ['test_acc', 'train_time_s']" in wrong.reason
 
 
 def test_storage_env_is_restored(monkeypatch):
@@ -67,13 +80,13 @@ def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="rt", storage=url, direction="maximize")
     asked = study.ask()
-    overrides = protocol.trial_overrides(asked.number, "rt", "parent123")
+    overrides = protocol.trial_overrides(asked.number, "t000 lr=0.1", "rt", "parent123")
     assert all(protocol.is_trial_override(o) for o in overrides)
     cfg = make_cfg(*overrides)  # the job's config, as Hydra composes it from those overrides
     pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}
     with protocol.storage_env(url):
         link = TrialLink.from_config(cfg.trial, pruner)
-    assert link.number == asked.number
+    assert link.number == asked.number and cfg.trial.name == "t000 lr=0.1"
     assert link.run_tags(cfg.trial.parent_run_id) == {
         protocol.TAG_PARENT_RUN: "parent123",
         protocol.TAG_STUDY_NAME: "rt",

@@ -83,12 +83,53 @@ def test_sweep_records_study_parent_and_children(sweep):
         results["best_value"] == pytest.approx(best.value) and results["best_params"] == best.params
     )
     assert f"best trial {best.number}" in proc.stderr + proc.stdout
+    # one line per finished trial, with the best so far; the parent names the best run's model
+    assert proc.stdout.count(" done: test_acc=") == 3 and "best so far: trial " in proc.stdout
+    best_child = by_number[best.number]
+    assert parent.data.tags["best_run_id"] == best_child.info.run_id
+    assert parent.data.tags["best_model_uri"] == f"runs:/{best_child.info.run_id}/model"
+    assert [a.path for a in tracking_store.client(sweep.mlflow_uri).list_artifacts(
+        best_child.info.run_id, "model")] == [f"model/{f}" for f in (
+        "MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt")]  # fmt: skip
     assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
     # n_trials is the total: the same command again runs nothing more.
     again = sweep.run(
         "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
     )
     assert again.returncode == 0 and len(sweep.trials()) == 3 and len(sweep.runs()[1]) == 3
+
+
+def test_multi_objective_sweep_records_the_pareto_front(sweep):
+    proc = sweep.run("hydra.sweeper.n_trials=3", "hydra.sweeper.direction=[maximize,minimize]",
+                     "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    _, children = sweep.runs()
+    for trial in trials:  # the values are the child run's test_acc and train_time_s
+        [child] = [r for r in children if r.data.tags["optuna.trial_number"] == str(trial.number)]
+        assert trial.values == pytest.approx(
+            [child.data.metrics["test_acc"], child.data.metrics["train_time_s"]]
+        )
+    results = yaml.safe_load((sweep.dir / "optimization_results.yaml").read_text())
+    assert results["objectives"] == {"test_acc": "maximize", "train_time_s": "minimize"}
+    study = optuna.load_study(study_name=sweep.study_name, storage=sweep.storage)
+    front = sorted(t.number for t in study.best_trials)
+    assert sorted(s["number"] for s in results["solutions"]) == front
+    parents, _ = sweep.runs()
+    assert parents[0].data.tags["pareto_trials"] == ",".join(map(str, front))
+    plots = tracking_store.client(sweep.mlflow_uri).list_artifacts(parents[0].info.run_id, "plots")
+    assert "plots/pareto_front.png" in {a.path for a in plots}
+
+
+def test_enqueued_parameters_run_first_and_once(sweep):
+    warm = "hydra.sweeper.enqueue=[{lr: 0.9, epochs: 2}]"
+    space = ["lr=tag(log, interval(0.01, 3.0))", "epochs=range(1, 4)"]
+    assert sweep.run("hydra.sweeper.n_trials=2", warm, *space).returncode == 0
+    assert sweep.trials()[0].params == {"lr": 0.9, "epochs": 2}  # the seed's lr, first
+    assert sweep.run("hydra.sweeper.n_trials=3", warm, *space).returncode == 0  # resumed
+    trials = sweep.trials()
+    assert len(trials) == 3 and trials[2].params != {"lr": 0.9, "epochs": 2}  # not again
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ class LenetOptunaSweeperConf:
         default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "none"}]
     )
     sampler: Any = None  # hydra/sweeper/sampler/*: built by Hydra (grid: a partial)
-    direction: str = knob("maximize", "maximize or minimize", choices=("maximize", "minimize"))
+    direction: Any = "maximize"  # or a list: one direction per objective (multi-objective)
+    objectives: list[str] | None = None  # metrics of the job, one per direction; null:
+    # test_acc (one direction), test_acc and train_time_s (two)
     storage: str | None = None  # Optuna RDB URL; same storage + study_name = same study
     study_name: str | None = None
     n_trials: int = knob(20, "an integer >= 1", minimum=1)  # the study's total
@@ -30,6 +32,7 @@ class LenetOptunaSweeperConf:
     max_failure_rate: float = knob(0.5, "a number in [0, 1]", minimum=0, maximum=1)
     params: dict[str, str] | None = None  # the search space in Hydra's sweep grammar
     custom_search_space: str | None = None  # "module.fn": fn(cfg, trial) suggests extra params
+    enqueue: list[dict[str, Any]] | None = None  # parameter sets tried first, once per study
     pruner: Any = None  # hydra/sweeper/pruner/*
     heartbeat_interval: int = knob(10, "an integer >= 1 (seconds)", minimum=1)
     grace_period: int = knob(30, "an integer >= 1 (seconds)", minimum=1)

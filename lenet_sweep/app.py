@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     experiment_id = tracking_store.prepare_experiment(uri, cfg.mlflow.experiment)
     tracking_store.repair_orphaned_runs(uri, experiment_id)
     job = HydraJob.current()
-    link = TrialLink.from_config(cfg.trial, job.pruner_cfg)
+    link = TrialLink.current(job.pruner_cfg)
 
     # Data, model and checkpoint first: bad input fails before any MLflow run exists.
     train_split = load_split(cfg.data, train=True, device=device)

@@ -191,6 +191,14 @@ def check_search_space(space: dict, group_options: Callable[[str], list[str]]) -
                     raise UserError(f"{shown}, but {key} must be {rule.allowed}") from None
 
 
+def check_sweep(cfg, space: dict, group_options: Callable[[str], list[str]]) -> None:
+    """This project's hydra.sweeper.app_checks: the fixed values every trial shares, the device,
+    and the search space, before the sweep starts."""
+    validate(cfg)
+    resolve_device(cfg.device)
+    check_search_space(space, group_options)
+
+
 def _fits(kind: type, value) -> bool:
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)

@@ -7,10 +7,11 @@ MLflow store. End to end, in order:
 1. The sweeper asks a trial and marks it with WORKER_HOST and WORKER_PID, so that a later start
    can fail the trial if this worker dies. It creates the study's MLflow parent run once and
    keeps its id in the study user attr PARENT_RUN_ID (a resumed sweep reopens it).
-2. It launches the job with `trial_overrides` (TRIAL_NUMBER, TRIAL_NAME for its MLflow run,
-   TRIAL_STUDY, TRIAL_PARENT_RUN) and
-   the storage URL in STORAGE_ENV, set by `storage_env`: not an override, because Hydra logs
-   overrides and the URL may hold a password. Launcher processes inherit the variable.
+2. It launches the job with `job_env` (TRIAL_ENV, STUDY_ENV: Hydra sets them in the job's
+   environment) and the storage URL in STORAGE_ENV, set by `storage_env`: not an override,
+   because Hydra logs overrides and the URL may hold a password; launcher processes inherit
+   it. An app whose config has a `trial` node also gets `trial_overrides` (TRIAL_NUMBER,
+   TRIAL_NAME for its MLflow run, TRIAL_STUDY, TRIAL_PARENT_RUN).
 3. The job (lenet_sweep.trial_link) opens that storage, finds its trial by number and rebuilds
    the pruner from its own composed `hydra.sweeper.pruner` (Optuna does not store pruners). It
    writes MLFLOW_RUN_ID once its run exists, reports each epoch's objective (the pruner may stop
@@ -44,6 +45,8 @@ TRIAL_NAME = "trial.name"
 TRIAL_STUDY = "trial.study_name"
 TRIAL_PARENT_RUN = "trial.parent_run_id"
 STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # the storage URL, for jobs in any process
+# The job's trial, in its environment while it runs (Hydra's hydra.job.env_set): any app.
+TRIAL_ENV, STUDY_ENV = "LENET_SWEEP_TRIAL", "LENET_SWEEP_STUDY"
 
 # Optuna user attrs: on trials, and the one on the study.
 WORKER_HOST = "worker_host"
@@ -71,6 +74,14 @@ def trial_overrides(number: int, name: str, study_name: str, parent_run_id: str)
         f"{TRIAL_STUDY}={format_value(study_name)}",
         f"{TRIAL_PARENT_RUN}={parent_run_id}",
     ]
+
+
+def job_env(number: int, study_name: str) -> list[str]:
+    """Hydra overrides that put the trial into the job's environment, under any launcher."""
+    from lenet_sweep.search_space import format_value
+
+    return [f"++hydra.job.env_set.{TRIAL_ENV}={number}",
+            f"++hydra.job.env_set.{STUDY_ENV}={format_value(study_name)}"]  # fmt: skip
 
 
 def is_trial_override(override: str) -> bool:

@@ -3,6 +3,7 @@
 tag(log, interval(a, b))   FloatDistribution(a, b, log=True)   (ints: IntDistribution, log)
 interval(a, b)             FloatDistribution(a, b)             (int(interval(..)): IntDistribution)
 range(a, b[, s])           IntDistribution(a, last, step=s)    end exclusive, as in Hydra
+                           (inclusive_range_end: up to b, as the official plugin)
 choice(x, y, ...)          CategoricalDistribution([x, y, ...])
 anything else              a fixed value passed to every job
 """
@@ -35,7 +36,7 @@ def _choices(override: Override) -> list:
     return list(override.sweep_iterator(transformer=Transformer.encode))
 
 
-def _range(key: str, value: RangeSweep) -> BaseDistribution:
+def _range(key: str, value: RangeSweep, inclusive: bool) -> BaseDistribution:
     start, stop, step = value.start, value.stop, value.step
     if step == 0 or (stop - start) / step <= 0:
         raise UserError(
@@ -43,7 +44,7 @@ def _range(key: str, value: RangeSweep) -> BaseDistribution:
             "give start < stop (the end is exclusive) and a positive step"
         )
     count = int(-(-(stop - start) // step))  # ceil: number of values before `stop`
-    last = start + (count - 1) * step
+    last = stop if inclusive else start + (count - 1) * step  # inclusive: the official plugin's
     if any(isinstance(v, float) for v in (start, stop, step)):
         return FloatDistribution(float(start), float(last), step=float(step))
     return IntDistribution(int(start), int(last), step=int(step))
@@ -60,7 +61,7 @@ def _interval(key: str, value: IntervalSweep) -> BaseDistribution:
     return FloatDistribution(float(low), float(high), log=log)
 
 
-def distribution(override: Override) -> BaseDistribution | str:
+def distribution(override: Override, inclusive_range_end: bool = False) -> BaseDistribution | str:
     """One parsed override -> its distribution, or its value as a string when it is fixed."""
     if not override.is_sweep_override():
         return override.get_value_element_as_str()
@@ -71,13 +72,15 @@ def distribution(override: Override) -> BaseDistribution | str:
             raise UserError(f"{key}: empty choice(); give at least one value")
         return CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):
-        return _range(key, value)
+        return _range(key, value, inclusive_range_end)
     if isinstance(value, IntervalSweep):
         return _interval(key, value)
     raise UserError(f"{key}: sweep {value} is not supported; use choice, range or interval")
 
 
-def parse(arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
+def parse(
+    arguments: list[str], inclusive_range_end: bool = False
+) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
     """Overrides (sweeper params first, command line after) -> (search space, fixed values)."""
     try:
         parsed = OverridesParser.create().parse_overrides(arguments)
@@ -89,7 +92,7 @@ def parse(arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, 
     fixed: dict[str, str] = {}
     for override in parsed:
         key = override.get_key_element()
-        result = distribution(override)
+        result = distribution(override, inclusive_range_end)
         space.pop(key, None)  # later arguments win
         fixed.pop(key, None)
         if isinstance(result, BaseDistribution):

@@ -11,23 +11,19 @@ lenet_sweep.protocol.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import optuna
 import yaml
-from omegaconf import DictConfig
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
 from lenet_sweep import (
-    OUTPUTS_DIR,
-    config,
     protocol,
     search_space,
     signals,
@@ -35,10 +31,9 @@ from lenet_sweep import (
     tracking,
     tracking_store,
 )
-from lenet_sweep.config import check_knobs
-from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError, describe
-from lenet_sweep.stores import check_sqlite, check_writable_dir
-from lenet_sweep.tracking import SweepRun
+from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
+from lenet_sweep.sweep_setup import SweepSetup
+from lenet_sweep.tracking import NoSweepRun, SweepRun
 from lenet_sweep.urls import mask_url
 
 log = logging.getLogger("lenet_sweep.sweep")
@@ -50,7 +45,7 @@ class SweepFailed(UserError):
     exit_code = EXIT_SWEEP_FAILED
 
 
-DEFAULT_OBJECTIVES = ("test_acc", "train_time_s")  # one per direction, unless named
+_ABSENT = object()
 _SHORT = {"epochs": "ep", "batch_size": "bs"}  # in trial names, which the MLflow UI cuts
 
 
@@ -84,129 +79,48 @@ class OptunaSweep:
     def __init__(self, settings: LenetOptunaSweeperConf, config: DictConfig, launcher,
                  group_options: Callable[[str], list[str]]):  # fmt: skip
         self.settings, self.config, self.launcher = settings, config, launcher
-        self.group_options = group_options  # a config group's options, from Hydra's loader
-        direction = settings.direction
-        self.directions = [direction] if isinstance(direction, str) else list(direction)
-        named = settings.objectives
-        self.objectives = list(named) if named else list(DEFAULT_OBJECTIVES[: len(self.directions)])
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
+        self.setup = SweepSetup(settings, config, group_options)
+        self.directions, self.objectives = self.setup.directions, self.setup.objectives
+        self.sweep_dir = self.setup.sweep_dir
+        self.mlflow_uri = None
+        if settings.mlflow:  # the app's `mlflow` node says where (lenet_sweep's config has one)
+            self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
     def run(self, arguments: list[str]) -> None:
         settings = self.settings
-        self._check(arguments)
-        space, fixed = self._search_space(arguments)
-        sampler = self._sampler(space)
-        experiment_id = tracking_store.prepare_experiment(
-            self.mlflow_uri, self.config.mlflow.experiment
-        )
+        self.setup.check(arguments)
+        space, fixed = self.setup.search_space(arguments)
+        sampler = self.setup.sampler(space)
+        if self.mlflow_uri:
+            experiment_id = tracking_store.prepare_experiment(
+                self.mlflow_uri, self.config.mlflow.experiment
+            )
         storage = study_storage.open_storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
-        study = self._open_study(storage, sampler)
-        tracking.kill_trial_runs(self.mlflow_uri, study_storage.fail_dead_workers(study))
+        study = self.setup.open_study(storage, sampler)
+        dead = study_storage.fail_dead_workers(study)
+        if self.mlflow_uri:
+            tracking.kill_trial_runs(self.mlflow_uri, dead)
         log.info("study %s in %s: %d/%d trials done, sampler %s, search space %s",
                  study.study_name, mask_url(settings.storage), study_storage.budget_used(study),
                  settings.n_trials, type(sampler).__name__,
                  {k: repr(v) for k, v in space.items()})  # fmt: skip
         with study_storage.ask_lock(storage, settings.storage):
-            parent = SweepRun.open(self.mlflow_uri, experiment_id, study, {
+            parent = NoSweepRun() if not self.mlflow_uri else SweepRun.open(
+                self.mlflow_uri, experiment_id, study, {
                 "study_name": study.study_name, "storage": settings.storage,
-                "sampler": type(sampler).__name__, "pruner": type(self._pruner()).__name__,
+                "sampler": type(sampler).__name__, "pruner": type(self.setup.pruner()).__name__,
                 "direction": self.directions, "objectives": self.objectives,
                 "n_trials": settings.n_trials,
                 "search_space": {k: repr(v) for k, v in space.items()},
             })  # fmt: skip
-            self._enqueue(study)
+            self.setup.enqueue(study)
         parent.set_tags({"sweep_dir": self.sweep_dir})
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
             states = self._loop(study, storage, space, fixed, parent)
         self._finish(study, parent, states, time.perf_counter() - started)
-
-    # --- set-up -------------------------------------------------------------------------
-    def _check(self, arguments: list[str]) -> None:
-        """Everything a trial would fail on, refused before any study, run or folder exists."""
-        check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
-        if not self.settings.study_name:
-            raise UserError("hydra.sweeper.study_name is empty: name the study to store and resume")
-        self._check_objectives()
-        config.validate(self.config)  # the fixed values every trial shares
-        config.resolve_device(self.config.device)
-        config.check_search_space(self._search_space(arguments)[0], self.group_options)
-        check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", OUTPUTS_DIR)
-        check_writable_dir(self.sweep_dir, f"hydra.sweep.dir={self.sweep_dir}",
-                           "make it writable or set hydra.sweep.dir to a writable folder")  # fmt: skip
-
-    def _check_objectives(self) -> None:
-        if not self.directions or not set(self.directions) <= {"maximize", "minimize"}:
-            raise UserError(f"hydra.sweeper.direction={self.settings.direction}: must be "
-                            "maximize, minimize or a list of them")  # fmt: skip
-        if len(self.objectives) != len(self.directions):
-            raise UserError(f"hydra.sweeper.objectives={self.objectives}: name one metric per "
-                            f"direction ({len(self.directions)}), e.g. [test_acc, train_time_s]")  # fmt: skip
-        if len(self.directions) > 1 and not isinstance(self._pruner(), optuna.pruners.NopPruner):
-            raise UserError("hydra.sweeper.pruner: Optuna cannot prune a study with several "
-                            "objectives; use hydra/sweeper/pruner=none or one direction")  # fmt: skip
-
-    def _search_space(self, arguments: list[str]):
-        params = self.settings.params or {}
-        params_conf = [f"{k}={v}" for k, v in params.items()]
-        space, fixed = search_space.parse(params_conf + list(arguments))
-        if not space and not self.settings.custom_search_space:
-            raise UserError(
-                "the search space is empty; give hydra.sweeper.params or overrides such as "
-                "'lr=tag(log, interval(0.01, 3.0))'"
-            )
-        return space, fixed
-
-    def _sampler(self, space) -> optuna.samplers.BaseSampler:
-        # Hydra instantiates the sweeper recursively: sampler and pruner arrive built (grid partial).
-        sampler = self.settings.sampler
-        if not sampler:
-            return optuna.samplers.TPESampler()
-        if isinstance(sampler, functools.partial):  # grid: needs the space listed
-            if sampler.func is optuna.samplers.GridSampler:
-                grid = search_space.grid_choices(space)
-                size = math.prod(len(v) for v in grid.values())
-                if size < self.settings.n_trials:
-                    log.info(
-                        "grid has %d points: n_trials %d -> %d", size, self.settings.n_trials, size
-                    )
-                    self.settings.n_trials = size
-                return sampler(grid)
-            sampler = sampler()
-        return sampler
-
-    def _enqueue(self, study: optuna.Study) -> None:
-        """Warm start: hydra.sweeper.enqueue's parameter sets go first, once per study (a
-        resumed sweep finds them enqueued already). Call under the ask lock."""
-        if self.settings.enqueue and not study.user_attrs.get(protocol.ENQUEUED):
-            for params in self.settings.enqueue:
-                study.enqueue_trial(dict(params), skip_if_exists=True)
-            study.set_user_attr(protocol.ENQUEUED, len(self.settings.enqueue))
-
-    def _pruner(self) -> optuna.pruners.BasePruner:
-        if not isinstance(self.settings.pruner, optuna.pruners.BasePruner):
-            return optuna.pruners.NopPruner()  # pruner: none composes to an empty node
-        return self.settings.pruner
-
-    def _open_study(self, storage, sampler) -> optuna.Study:
-        try:
-            return optuna.create_study(
-                study_name=self.settings.study_name,
-                storage=storage,
-                sampler=sampler,
-                pruner=self._pruner(),
-                directions=self.directions,
-                load_if_exists=True,
-            )
-        except Exception as e:  # noqa: BLE001
-            raise UserError(
-                f"cannot open study {self.settings.study_name!r} in "
-                f"{mask_url(self.settings.storage)} ({describe(e)}); "
-                "fix hydra.sweeper.storage / study_name"
-            ) from e
 
     # --- the loop ------------------------------------------------------------------------
     def _loop(self, study, storage, space, fixed, parent: SweepRun) -> list[TrialState]:
@@ -255,14 +169,22 @@ class OptunaSweep:
         for name, dist in space.items():
             search_space.suggest(trial, name, dist)
         if self.settings.custom_search_space:
-            from hydra.utils import get_method
-
             get_method(self.settings.custom_search_space)(self.config, trial)
-        overrides = [f"{k}={search_space.format_value(v)}" for k, v in trial.params.items()]
+        overrides = [
+            f"{self._key(k)}={search_space.format_value(v)}" for k, v in trial.params.items()
+        ]
         overrides += [f"{k}={v}" for k, v in fixed.items() if k not in trial.params]
-        name = trial_name(trial.number, trial.params)
-        return overrides + protocol.trial_overrides(trial.number, name, trial.study.study_name,
-                                                    parent_run_id)  # fmt: skip
+        overrides += protocol.job_env(trial.number, trial.study.study_name)
+        if "trial" in self.config:  # an app with a trial node gets its MLflow bookkeeping too
+            name = trial_name(trial.number, trial.params)
+            overrides += protocol.trial_overrides(trial.number, name, trial.study.study_name,
+                                                  parent_run_id)  # fmt: skip
+        return overrides
+
+    def _key(self, key: str) -> str:
+        """`+key` for a parameter the app's config lacks (one a custom search space added)."""
+        missing = OmegaConf.select(self.config, key, default=_ABSENT) is _ABSENT
+        return f"+{key}" if missing else key
 
     def _log_progress(self, study, trial, outcome: protocol.Outcome) -> None:
         """One line per finished trial, with the best so far (the Pareto front: several)."""
@@ -290,8 +212,12 @@ class OptunaSweep:
         ran = f"{len(states)} trial(s) run here in {elapsed:.1f}s"
         if not counts["COMPLETE"]:
             parent.end("FAILED")
+            failed = [t for t in trials if protocol.FAIL_REASON in t.user_attrs]
+            last = (
+                f"; last failure: {failed[-1].user_attrs[protocol.FAIL_REASON]}" if failed else ""
+            )
             raise SweepFailed(
-                f"sweep {study.study_name}: no trial completed ({summary}; {ran}); "
+                f"sweep {study.study_name}: no trial completed ({summary}; {ran}{last}); "
                 "see the trials' fail_reason in Optuna or the child runs' error tag in MLflow"
             )
         best = [study.best_trial] if len(self.directions) == 1 else study.best_trials
@@ -310,8 +236,9 @@ class OptunaSweep:
             log.info("%s trial %d: %s with %s", "best" if len(self.objectives) == 1 else "Pareto-optimal",
                      trial.number, _values(trial, self.objectives),
                      " ".join(f"{k}={v}" for k, v in trial.params.items()))  # fmt: skip
-        log.info("results: %s; MLflow: %s", self.sweep_dir / "optimization_results.yaml",
-                 tracking_store.ui_link(self.mlflow_uri, parent.experiment_id))  # fmt: skip
+        log.info("results: %s", self.sweep_dir / "optimization_results.yaml")
+        if self.mlflow_uri:
+            log.info("MLflow: %s", tracking_store.ui_link(self.mlflow_uri, parent.experiment_id))
         if too_many:
             raise SweepFailed(
                 f"sweep {study.study_name}: {study_storage.job_failures(study)} of "
@@ -325,8 +252,8 @@ class OptunaSweep:
         if len(self.directions) == 1:
             return {"name": "optuna", "best_params": dict(best[0].params),
                     "best_value": best[0].value}  # fmt: skip
-        solutions = [{"number": t.number, "params": dict(t.params), "values": dict(zip(
-            self.objectives, t.values, strict=True))} for t in best]  # fmt: skip
+        solutions = [{"number": t.number, "params": dict(t.params), "values": list(t.values)}
+                     for t in best]  # fmt: skip
         return {"name": "optuna", "objectives": dict(zip(self.objectives, self.directions,
                                                          strict=True)), "solutions": solutions}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""MLflow runs: a training run's record (TrackedRun), a sweep's parent run (SweepRun), figures.
+"""MLflow runs: a training run's record (TrackedRun) and a sweep's parent run (SweepRun).
 
 Both write through MlflowClient (no global fluent state, so they are safe in launcher workers),
 mask credentials in everything they write, and end with an explicit status.
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from omegaconf import DictConfig
 
 from lenet_sweep import PROJECT_ROOT, protocol
+from lenet_sweep.figures import curves_figure, log_study_plots
 from lenet_sweep.tracking_store import HOST, TAG_HOST, TAG_PID, client
 from lenet_sweep.urls import mask_url
 
@@ -184,6 +185,21 @@ class SweepRun(Run):
         log_study_plots(self, study, objectives)
 
 
+class NoSweepRun:
+    """The parent run of a sweep whose MLflow part is off (hydra.sweeper.mlflow=false)."""
+
+    run_id = experiment_id = None
+
+    def set_tags(self, tags) -> None:
+        pass
+
+    def end(self, status: str) -> None:
+        pass
+
+    def record_best(self, *args) -> None:
+        pass
+
+
 def kill_trial_runs(uri: str, trials) -> None:
     """End the MLflow runs of trials failed because their worker died (if still RUNNING)."""
     mlflow_client = client(uri)
@@ -250,53 +266,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def _agg():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on workers and CI
-
-
-def curves_figure(history: list[dict]):
-    """The seed's Animator at epoch resolution: train loss, train acc, test acc vs epoch."""
-    _agg()
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5, 3.2), dpi=120)
-    ax = fig.add_subplot()
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "-", label="train loss")
-    ax.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
-    ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
-    ax.set_xlabel("epoch")
-    ax.set_xlim(1, max(epochs[-1], 2))
-    ax.grid(True)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def log_study_plots(run, study, objectives: list[str]) -> None:
-    """Optuna's plots under plots/ of `run`: history, parallel coordinates and importances of the
-    first objective, and the Pareto front when there are several."""
-    _agg()
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    first = {} if len(objectives) == 1 else {"target": lambda t: t.values[0]}
-    plots = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **first, target_name=objectives[0]),
-        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, **first, target_name=objectives[0]),
-        "param_importances.png": lambda: ovm.plot_param_importances(study, **first, target_name=objectives[0]),
-    }  # fmt: skip
-    if len(objectives) > 1:
-        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
-    for name, plot in plots.items():
-        try:
-            ax = plot()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            run.log_figure(fig, f"plots/{name}")
-            plt.close(fig)
-        except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
-            log.info("plot %s skipped: %s", name, str(e).splitlines()[0] if str(e) else e)

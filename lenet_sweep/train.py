@@ -98,11 +98,8 @@ def train(
     hooks: Sequence[EpochHook] = (),
     resume: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train for `epochs` epochs as train_ch6 does, on the device the data lives on.
-
-    `resume` continues after the checkpoint's epoch with the same RNG streams, so the result
-    equals an uninterrupted run's.
-    """
+    """Train `epochs` epochs as train_ch6 does, on the data's device. `resume` goes on after its
+    checkpoint's epoch with the same RNG streams, so the result equals an uninterrupted run's."""
     device = train_split.labels.device
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator(device=device).manual_seed(seed)
@@ -113,7 +110,7 @@ def train(
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        # A bar only on a terminal: piped output (CI, cluster logs) gets the epoch lines alone.
+        # A bar on a terminal only: piped output (CI, cluster logs) gets the epoch lines alone.
         bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
         _sync(device)
@@ -134,11 +131,10 @@ def train(
         result.train_time_s += time.perf_counter() - start
         result.examples_seen += n
         bar.close()
-
         eval_start = time.perf_counter()
         test_acc = evaluate_accuracy(net, test_split, batch_size)
         result.eval_time_s += time.perf_counter() - eval_start
-        # The objective first: MLflow's compare view plots the first metric a run logged.
+        # The objective first: MLflow's compare view plots a run's first metric.
         stats = {"epoch": epoch, "test_acc": test_acc, "train_loss": train_loss / n,
                  "train_acc": train_correct / n}  # fmt: skip
         result.history.append(stats)

@@ -1,5 +1,6 @@
 """A sweep job's link to its Optuna trial, reached through the study's storage (the job's side
-of lenet_sweep.protocol), so that pruning works in any launcher process.
+of lenet_sweep.protocol), so that pruning works in any launcher process. `report(value, step)`
+is the same for any Hydra app the sweeper runs.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ class TrialLink:
         self.reports = len(self.study.directions) == 1
 
     @classmethod
-    def from_config(cls, trial_cfg, pruner_cfg=None) -> TrialLink | None:
-        """The link for a job the sweeper launched (None for a single run).
+    def current(cls, pruner_cfg=None) -> TrialLink | None:
+        """The link for the job a sweep launched, from its environment (None outside a sweep).
 
         `pruner_cfg` is the job's own composed `hydra.sweeper.pruner`, the node the sweeper built
         its pruner from: pruning is decided here, and Optuna does not store pruners.
         """
-        if trial_cfg is None or trial_cfg.number is None:
+        number, study_name = os.environ.get(protocol.TRIAL_ENV), os.environ.get(protocol.STUDY_ENV)
+        if number is None or study_name is None:
             return None
         storage = os.environ.get(protocol.STORAGE_ENV)
         if not storage:
-            raise RuntimeError(f"{protocol.TRIAL_NUMBER} is set but ${protocol.STORAGE_ENV} is not")
+            raise RuntimeError(f"${protocol.TRIAL_ENV} is set but ${protocol.STORAGE_ENV} is not")
         from hydra.utils import instantiate
 
         pruner = instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
-        return cls(str(storage), str(trial_cfg.study_name), int(trial_cfg.number), pruner)
+        return cls(storage, study_name, int(number), pruner)
 
     def run_tags(self, parent_run_id) -> dict[str, str]:
         """Tags that make the job's MLflow run a child of the sweep's parent run."""
@@ -58,3 +60,24 @@ class TrialLink:
 
     def completed(self, train_time_s: float) -> None:
         self.trial.set_user_attr(protocol.TRAIN_TIME_S, train_time_s)
+
+
+_links: dict[tuple[str, str], TrialLink] = {}
+
+
+def report(value: float, step: int) -> None:
+    """For any Hydra task a lenet_optuna sweep launched: report the trial's value at `step`;
+    raises optuna.TrialPruned when the sweep's pruner says stop. Outside a sweep, nothing.
+
+    The pruner is rebuilt from this job's `hydra.sweeper.pruner` (Hydra's config of the job).
+    """
+    key = (os.environ.get(protocol.TRIAL_ENV), os.environ.get(protocol.STUDY_ENV))
+    if None in key:
+        return
+    if key not in _links:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get() if HydraConfig.initialized() else None
+        _links[key] = TrialLink.current(hydra.sweeper.get("pruner") if hydra else None)
+    if _links[key].report(value, step):
+        raise optuna.TrialPruned(f"pruned at step {step}")

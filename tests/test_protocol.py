@@ -75,7 +75,7 @@ def test_storage_env_is_restored(monkeypatch):
     assert protocol.STORAGE_ENV not in os.environ
 
 
-def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg):
+def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg, monkeypatch):
     """The sweeper's side writes what the job's side reads, and the other way round."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="rt", storage=url, direction="maximize")
@@ -83,9 +83,12 @@ def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg):
     overrides = protocol.trial_overrides(asked.number, "t000 lr=0.1", "rt", "parent123")
     assert all(protocol.is_trial_override(o) for o in overrides)
     cfg = make_cfg(*overrides)  # the job's config, as Hydra composes it from those overrides
+    for override in protocol.job_env(asked.number, "rt"):  # what Hydra's env_set does for the job
+        key, value = override.removeprefix("++hydra.job.env_set.").split("=", 1)
+        monkeypatch.setenv(key, value.strip("'"))
     pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}
     with protocol.storage_env(url):
-        link = TrialLink.from_config(cfg.trial, pruner)
+        link = TrialLink.current(pruner)
     assert link.number == asked.number and cfg.trial.name == "t000 lr=0.1"
     assert link.run_tags(cfg.trial.parent_run_id) == {
         protocol.TAG_PARENT_RUN: "parent123",
@@ -102,5 +105,6 @@ def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg):
     assert trial.user_attrs[protocol.TRAIN_TIME_S] == 12.5
 
 
-def test_single_run_has_no_trial_link(make_cfg):
-    assert TrialLink.from_config(make_cfg().trial) is None
+def test_single_run_has_no_trial_link(monkeypatch):
+    monkeypatch.delenv(protocol.TRIAL_ENV, raising=False)
+    assert TrialLink.current() is None

@@ -264,17 +264,14 @@ def test_two_workers_share_one_postgres_study(sweep, postgres_url):
         )
 
 
-@pytest.mark.parametrize("name", ["tpe", "random", "cmaes", "gp", "qmc", "grid"])
+@pytest.mark.parametrize("name", ["tpe", "random", "cmaes", "gp", "qmc", "nsgaii", "grid"])
 def test_every_sampler_config_builds_and_samples(name):
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from lenet_sweep import CONFIG_DIR
+    from hydra_plugins.lenet_sweep_optuna.config import SAMPLERS
     from lenet_sweep.search_space import grid_choices, parse, suggest
 
-    sampler = instantiate(
-        OmegaConf.load(CONFIG_DIR / "hydra" / "sweeper" / "sampler" / f"{name}.yaml")
-    )
+    sampler = instantiate(SAMPLERS[name])
     space, _ = parse(["lr=choice(0.1, 0.3)", "epochs=range(1, 4)"])
     if name == "grid":
         sampler = sampler(grid_choices(space))

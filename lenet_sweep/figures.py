@@ -1,0 +1,57 @@
+"""Figures logged to MLflow: a run's training curves, a sweep's Optuna plots."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("lenet_sweep.sweep")
+
+
+def _agg():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on workers and CI
+
+
+def curves_figure(history: list[dict]):
+    """The seed's Animator at epoch resolution: train loss, train acc, test acc vs epoch."""
+    _agg()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "-", label="train loss")
+    ax.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
+    ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_xlim(1, max(epochs[-1], 2))
+    ax.grid(True)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def log_study_plots(run, study, objectives: list[str]) -> None:
+    """Optuna's plots under plots/ of `run`: history, parallel coordinates and importances of the
+    first objective, and the Pareto front when there are several."""
+    _agg()
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    first = {} if len(objectives) == 1 else {"target": lambda t: t.values[0]}
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **first, target_name=objectives[0]),
+        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, **first, target_name=objectives[0]),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, **first, target_name=objectives[0]),
+    }  # fmt: skip
+    if len(objectives) > 1:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
+    for name, plot in plots.items():
+        try:
+            ax = plot()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            run.log_figure(fig, f"plots/{name}")
+            plt.close(fig)
+        except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
+            log.info("plot %s skipped: %s", name, str(e).splitlines()[0] if str(e) else e)

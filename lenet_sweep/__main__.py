@@ -15,9 +15,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors, tracking_store
-from lenet_sweep.app import run
 from lenet_sweep.errors import UserError, exit_with
-from lenet_sweep.hooks import Diverged
 from lenet_sweep.signals import Terminated
 
 # The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
@@ -28,6 +26,9 @@ config.register()
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, float]:
     """Train once (or once per trial under -m); returns the final metrics (the objectives)."""
+    from lenet_sweep.app import run  # here, not at import: `--help` needs no torch
+    from lenet_sweep.hooks import Diverged
+
     try:
         return run(cfg)
     except UserError as e:

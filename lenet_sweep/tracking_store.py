@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -40,7 +41,9 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+@functools.cache
 def client(uri: str):
+    """One MlflowClient per store and process: each new one builds its store again (~0.25 s)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -75,6 +75,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
     )
 
 
+def run_together(*arg_lists: list[str], timeout: int = 600) -> list[tuple[int, str]]:
+    """`python -m lenet_sweep ARGS` for each list, all started at once: (exit code, output) each."""
+    procs = [subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for args in arg_lists]  # fmt: skip
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
 def runs_of(mlflow_uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_cli, runs_of
+from tests.conftest import SMALL, run_cli, run_together, runs_of
 
 TINY = [*SMALL, "data.train_size=256", "data.test_size=256"]
 
@@ -48,14 +48,9 @@ def test_runs_started_together_on_a_new_store_are_all_recorded(tmp_path):
         db = tmp_path / f"round{round_}" / "mlflow.db"
         db.parent.mkdir()
         uri = f"sqlite:///{db}"
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "lenet_sweep", *TINY, f"mlflow.tracking_uri={uri}",
-                              "mlflow.experiment=e", f"hydra.run.dir={db.parent / str(i)}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(4)
-        ]  # fmt: skip
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-1500:] for o in outputs)
+        results = run_together(*[[*TINY, f"mlflow.tracking_uri={uri}", "mlflow.experiment=e",
+                                  f"hydra.run.dir={db.parent / str(i)}"] for i in range(4)])  # fmt: skip
+        assert [code for code, _ in results] == [0] * 4, "\n".join(o[-1500:] for _, o in results)
         _, runs = runs_of(uri, "e")
         assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
         assert all(r.data.metrics["test_acc"] > 0 for r in runs)
@@ -67,13 +62,8 @@ def test_sweeps_started_together_on_new_stores_share_the_study(tmp_path):
     args = ["-m", *TINY, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "mlflow.experiment=e", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
             "hydra.sweeper.study_name=s", "hydra.sweeper.n_trials=4", "lr=interval(0.1, 1.0)"]  # fmt: skip
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args, f"hydra.sweep.dir={tmp_path / str(i)}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    results = run_together(*[[*args, f"hydra.sweep.dir={tmp_path / str(i)}"] for i in range(2)])
+    assert [code for code, _ in results] == [0, 0], "".join(o[-2000:] for _, o in results)
     import optuna
 
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials

@@ -15,7 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep import tracking_store
-from tests.conftest import SMALL, run_cli, runs_of
+from tests.conftest import SMALL, run_cli, run_together, runs_of
 
 
 @pytest.fixture
@@ -239,13 +239,9 @@ def postgres_url():
 def test_two_workers_share_one_postgres_study(sweep, postgres_url):
     args = sweep.args("hydra.sweeper.n_trials=8", "lr=interval(0.1, 1.0)", "data.train_size=4096",
                       f"hydra.sweeper.storage={postgres_url}")  # fmt: skip
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args, f"hydra.sweep.dir={sweep.dir}-{i}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    results = run_together(*[[*args, f"hydra.sweep.dir={sweep.dir}-{i}"] for i in range(2)])
+    assert [code for code, _ in results] == [0, 0], "".join(o[-2000:] for _, o in results)
+    outputs = [out for _, out in results]
     study = optuna.load_study(study_name=sweep.study_name, storage=postgres_url)
     trials = study.get_trials(deepcopy=False)
     assert sorted(t.number for t in trials) == list(range(8))

@@ -88,8 +88,7 @@ class OptunaSweep:
 
     def run(self, arguments: list[str]) -> None:
         settings = self.settings
-        self.setup.check(arguments)
-        space, fixed = self.setup.search_space(arguments)
+        space, fixed = self.setup.check(arguments)
         sampler = self.setup.sampler(space)
         if self.mlflow_uri:
             experiment_id = tracking_store.prepare_experiment(

@@ -48,17 +48,19 @@ class SweepSetup:
         if self.own_storage:
             settings.storage = f"sqlite:///{self.sweep_dir.resolve() / 'optuna.db'}"
 
-    def check(self, arguments: list[str]) -> None:
-        """Everything a trial would fail on, refused before any study, run or folder exists."""
+    def check(self, arguments: list[str]) -> tuple[dict, dict]:
+        """Everything a trial would fail on, refused before any study, run or folder exists;
+        returns the search space and the fixed values."""
         check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
         self.check_objectives()
-        space = self.search_space(arguments)[0]
+        space, fixed = self.search_space(arguments)
         if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say
             get_method(self.settings.app_checks)(self.config, space, self.group_options)
         own_dir = self.sweep_dir if self.own_storage else OUTPUTS_DIR
         check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", own_dir)
         check_writable_dir(self.sweep_dir, f"hydra.sweep.dir={self.sweep_dir}",
                            "make it writable or set hydra.sweep.dir to a writable folder")  # fmt: skip
+        return space, fixed
 
     def check_objectives(self) -> None:
         if not self.directions or not set(self.directions) <= {"maximize", "minimize"}:

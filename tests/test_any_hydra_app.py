@@ -34,41 +34,63 @@ def sphere(cfg):
 if __name__ == "__main__":
     sphere()
 """
-SPHERE_CONF = """
-defaults:
-  - override hydra/sweeper: lenet_optuna
-  - override hydra/sweeper/sampler: grid
-hydra:
-  sweeper:
-    direction: minimize
-    study_name: sphere
-    n_trials: 20
-    n_jobs: 1
-    params:
-      x: range(-5.5, 5.5, step=0.5)
-      y: choice(-5, 0, 5)
-x: 1
-y: 1
-z: 1
-error: false
-"""
-GRID_CONF = """
-defaults:
-  - override hydra/sweeper: lenet_optuna
-  - override hydra/sweeper/sampler: grid
-hydra:
-  sweeper:
-    direction: minimize
-    study_name: sphere
-    n_trials: 20
-    params:
-      x: choice(-1, 1)
-      y: range(-1.0, 1.0, step=1)
-      z: choice("foo", "bar")
-x: 1
-y: 1
-z: foo
-"""
+
+
+def _conf(sampler: str | None, sweeper: dict, **values) -> dict:
+    """An example app's conf/config.yaml: our sweeper (and a sampler), its settings, the values."""
+    defaults = [{"override hydra/sweeper": "lenet_optuna"}]
+    defaults += [{"override hydra/sweeper/sampler": sampler}] if sampler else []
+    return {"defaults": defaults, "hydra": {"sweeper": sweeper}, **values}
+
+
+SPHERE_CONF = _conf(
+    "grid",
+    {
+        "direction": "minimize",
+        "study_name": "sphere",
+        "n_trials": 20,
+        "n_jobs": 1,
+        "params": {"x": "range(-5.5, 5.5, step=0.5)", "y": "choice(-5, 0, 5)"},
+    },
+    x=1,
+    y=1,
+    z=1,
+    error=False,
+)
+GRID_CONF = _conf(
+    "grid",
+    {
+        "direction": "minimize",
+        "study_name": "sphere",
+        "n_trials": 20,
+        "params": {
+            "x": "choice(-1, 1)",
+            "y": "range(-1.0, 1.0, step=1)",
+            "z": 'choice("foo", "bar")',
+        },
+    },
+    x=1,
+    y=1,
+    z="foo",
+)
+BINH_AND_KORN_CONF = _conf(
+    "nsgaii",
+    {
+        "sampler": {"seed": 123},
+        "direction": ["minimize", "minimize"],
+        "study_name": "multi-objective",
+        "n_trials": 20,
+        "params": {"x": "range(0, 5, step=0.5)", "y": "range(0, 3, step=0.5)"},
+    },
+    x=1,
+    y=1,
+)
+CUSTOM_SPACE_CONF = _conf(None, {"sampler": {"seed": 123}, "direction": "minimize",
+                                 "study_name": "custom-search-space", "n_trials": 20, "n_jobs": 1,
+                                 "params": {"x": "range(-5.5, 5.5, 0.5)", "y": "choice(-5, 0, 5)"},
+                                 "custom_search_space": "app.configure"},
+                          x=1, y=1, z=100, max_z_difference_from_x=0.5)  # fmt: skip
+
 BINH_AND_KORN = """
 import hydra
 
@@ -80,23 +102,6 @@ def binh_and_korn(cfg):
 
 if __name__ == "__main__":
     binh_and_korn()
-"""
-BINH_AND_KORN_CONF = """
-defaults:
-  - override hydra/sweeper: lenet_optuna
-  - override hydra/sweeper/sampler: nsgaii
-hydra:
-  sweeper:
-    sampler:
-      seed: 123
-    direction: [minimize, minimize]
-    study_name: multi-objective
-    n_trials: 20
-    params:
-      x: range(0, 5, step=0.5)
-      y: range(0, 3, step=0.5)
-x: 1
-y: 1
 """
 CUSTOM_SPACE = """
 import hydra
@@ -116,34 +121,15 @@ def configure(cfg, trial):
 if __name__ == "__main__":
     multi_dimensional_sphere()
 """
-CUSTOM_SPACE_CONF = """
-defaults:
-  - override hydra/sweeper: lenet_optuna
-hydra:
-  sweeper:
-    sampler:
-      seed: 123
-    direction: minimize
-    study_name: custom-search-space
-    n_trials: 20
-    n_jobs: 1
-    params:
-      x: range(-5.5, 5.5, 0.5)
-      y: choice(-5, 0, 5)
-    custom_search_space: app.configure
-x: 1
-y: 1
-z: 100
-max_z_difference_from_x: 0.5
-"""
 
 
-def _app(tmp_path: Path, source: str, conf: str, *args: str) -> subprocess.CompletedProcess:
+def _app(tmp_path: Path, source: str, conf: dict | str, *args: str) -> subprocess.CompletedProcess:
     """Write app.py + conf/config.yaml into a temp dir and run `python app.py --multirun ARGS`
     there: lenet_sweep is only installed, not on the app's path."""
     (tmp_path / "conf").mkdir(exist_ok=True)
     (tmp_path / "app.py").write_text(textwrap.dedent(source))
-    (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent(conf))
+    yaml = OmegaConf.to_yaml(conf) if isinstance(conf, dict) else textwrap.dedent(conf)
+    (tmp_path / "conf" / "config.yaml").write_text(yaml)
     return subprocess.run([sys.executable, "app.py", "--multirun", f"hydra.sweep.dir={tmp_path / 'out'}",
                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
 

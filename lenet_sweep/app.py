@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lenet_sweep import config, hooks, protocol, signals, tracking, tracking_store
 from lenet_sweep.checkpoint import FILE as CHECKPOINT_FILE
 from lenet_sweep.checkpoint import Checkpoint, identity
-from lenet_sweep.data import load_split
+from lenet_sweep.data import Split, load_split
 from lenet_sweep.models import build
 from lenet_sweep.train import TrainResult, train
 from lenet_sweep.trial_link import TrialLink
@@ -64,55 +66,121 @@ def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dic
     return tags
 
 
+@dataclass
+class Job:
+    """One run from config to records: `prepare` reads and checks everything and opens its MLflow
+    run, `train_args` feeds a trainer, `complete` records the result. `run` does it for one run;
+    the fused launcher (hydra_plugins/lenet_sweep_fused) prepares several and trains them
+    together."""
+
+    cfg: DictConfig
+    device: object
+    uri: str
+    experiment_id: str
+    hydra: HydraJob
+    link: TrialLink | None
+    train_split: Split
+    test_split: Split
+    net: object
+    optimizer: object
+    resume: Checkpoint | None
+    mlrun: tracking.TrackedRun
+
+    @classmethod
+    def prepare(cls, cfg: DictConfig) -> Job:
+        """Check, load and build; then open the MLflow run (RUNNING) and record the set-up."""
+        config.validate(cfg)
+        device = config.resolve_device(cfg.device)
+        uri = tracking_store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        experiment_id = tracking_store.prepare_experiment(uri, cfg.mlflow.experiment)
+        tracking_store.repair_orphaned_runs(uri, experiment_id)
+        hydra_job = HydraJob.current()
+        link = TrialLink.current(hydra_job.pruner_cfg)
+
+        # Data, model and checkpoint first: bad input fails before any MLflow run exists.
+        train_split = load_split(cfg.data, train=True, device=device)
+        test_split = load_split(cfg.data, train=False, device=device)
+        net, optimizer = build(cfg, device)
+        resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
+
+        params = tracking.run_params(cfg, hydra_job.choices)
+        run_name, tags = _run_name(cfg, params), _tags(device, hydra_job, link, cfg)
+        run_id = resume and tracking.continuable(uri, resume.mlflow_run_id, params)
+        if resume and not run_id:  # a finished run, or other settings (epochs): a new run
+            tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
+        mlrun = tracking.TrackedRun(uri, experiment_id, run_name, tags, run_id)
+        with _ended_on_error(mlrun):
+            if link is not None:
+                link.started(mlrun.run_id)
+            if not run_id:
+                mlrun.log_params(params)
+                mlrun.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            if resume:
+                mlrun.log_missing_epochs(resume.history)
+                log.info("resuming %s after epoch %d", resume_path, resume.epoch)
+        return cls(cfg, device, uri, experiment_id, hydra_job, link, train_split, test_split,
+                   net, optimizer, resume, mlrun)  # fmt: skip
+
+    def train_args(self) -> dict:
+        """Everything a trainer takes after (net, optimizer, train split, test split)."""
+        cfg = self.cfg
+        return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "progress": cfg.progress, "resume": self.resume,
+                "hooks": _epoch_hooks(cfg, self.hydra, self.mlrun, self.link)}  # fmt: skip
+
+    def failed(self, error: BaseException) -> None:
+        """What a run that diverged records before its run ends FAILED."""
+        if isinstance(error, hooks.Diverged):
+            self.mlrun.log_metrics({"train_loss": error.loss}, step=error.epoch)
+            self.mlrun.set_tags({"diverged": "true", "diverged_at_epoch": error.epoch})
+
+    def complete(self, result: TrainResult, **tags) -> dict[str, float]:
+        """Record a finished training: totals, curves, the model, the trial's state."""
+        self.mlrun.log_summary(result)
+        self.mlrun.log_model(self.net)
+        if tags:
+            self.mlrun.set_tags(tags)
+        log.info("MLflow run %s: %s", self.mlrun.run_id,
+                 tracking_store.ui_link(self.uri, self.experiment_id))  # fmt: skip
+        _print_seed_lines(result, self.device)
+        if self.link is not None:
+            self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
+            self.link.completed(result.train_time_s + result.eval_time_s)
+        return result.metrics()
+
+
+@contextlib.contextmanager
+def _ended_on_error(mlrun: tracking.TrackedRun):
+    """End the run (FAILED, or KILLED on an interrupt) if the block raises; else leave it open."""
+    try:
+        yield
+    except BaseException as e:
+        mlrun.__exit__(type(e), e, e.__traceback__)
+        raise
+
+
+def trainer_for(cfg: DictConfig, device) -> Callable[..., TrainResult]:
+    """The CUDA-graph trainer on CUDA (unless cuda_graph=false), else the eager loop."""
+    if device.type == "cuda" and cfg.cuda_graph:
+        from lenet_sweep.fused import train_graphed
+
+        return train_graphed
+    return train
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train once and record it; returns the final metrics (a sweep's objectives pick from them)."""
-    config.validate(cfg)
-    device = config.resolve_device(cfg.device)
-    uri = tracking_store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    experiment_id = tracking_store.prepare_experiment(uri, cfg.mlflow.experiment)
-    tracking_store.repair_orphaned_runs(uri, experiment_id)
-    job = HydraJob.current()
-    link = TrialLink.current(job.pruner_cfg)
-
-    # Data, model and checkpoint first: bad input fails before any MLflow run exists.
-    train_split = load_split(cfg.data, train=True, device=device)
-    test_split = load_split(cfg.data, train=False, device=device)
-    net, optimizer = build(cfg, device)
-    resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
-
-    params = tracking.run_params(cfg, job.choices)
-    run_name, tags = _run_name(cfg, params), _tags(device, job, link, cfg)
-    run_id = resume and tracking.continuable(uri, resume.mlflow_run_id, params)
-    if resume and not run_id:  # a finished run, or other settings (epochs): a new run
-        tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
-    mlrun = tracking.TrackedRun(uri, experiment_id, run_name, tags, run_id)
-    with signals.stop_on_signals(), mlrun:
-        if link is not None:
-            link.started(mlrun.run_id)
-        if not run_id:
-            mlrun.log_params(params)
-            mlrun.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        if resume:
-            mlrun.log_missing_epochs(resume.history)
-            log.info("resuming %s after epoch %d", resume_path, resume.epoch)
-
-        log.info("training on %s", device)
+    job = Job.prepare(cfg)
+    with signals.stop_on_signals(), job.mlrun:
+        log.info("training on %s", job.device)
+        trainer = trainer_for(cfg, job.device)
         try:
-            result = train(net, optimizer, train_split, test_split, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
-                           hooks=_epoch_hooks(cfg, job, mlrun, link), resume=resume)  # fmt: skip
-        except hooks.Diverged as e:
-            mlrun.log_metrics({"train_loss": e.loss}, step=e.epoch)
-            mlrun.set_tags({"diverged": "true", "diverged_at_epoch": e.epoch})
+            result = trainer(job.net, job.optimizer, job.train_split, job.test_split,
+                             **job.train_args())  # fmt: skip
+        except Exception as e:
+            job.failed(e)
             raise
-        mlrun.log_summary(result)
-        mlrun.log_model(net)
-        log.info("MLflow run %s: %s", mlrun.run_id, tracking_store.ui_link(uri, experiment_id))
-        _print_seed_lines(result, device)
-        if link is not None:
-            mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
-            link.completed(result.train_time_s + result.eval_time_s)
-    return result.metrics()
+        return job.complete(result)
 
 
 def _epoch_hooks(cfg, job: HydraJob, mlrun: tracking.TrackedRun, link: TrialLink | None):

@@ -102,6 +102,7 @@ class RunConfig:
     batch_size: int = knob(256, "an integer from 1 to the training set size, e.g. 256", minimum=1)
     seed: int = knob(42, "an integer, e.g. seed=0")
     device: str = "auto"
+    cuda_graph: bool = knob(True, "true or false")
     progress: bool = knob(True, "true or false")
     divergence_threshold: float | None = knob(
         23.0, "null or a finite number > 0, e.g. 23.0", positive=True

@@ -6,6 +6,7 @@ permutation, so the hot path has no DataLoader and no host round trip.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -151,7 +152,18 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
 
 
 def load_split(data_cfg, train: bool, device: torch.device) -> Split:
-    """Read, verify and move one split to `device` (float images scaled by 1/255)."""
+    """Read, verify and move one split to `device` (float images scaled by 1/255), once per
+    process and config: the trials of an in-process sweep share the tensors (read-only)."""
+    from omegaconf import OmegaConf
+
+    return _load_split(OmegaConf.to_yaml(data_cfg, resolve=True), train, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(data_yaml: str, train: bool, device: str) -> Split:
+    from omegaconf import OmegaConf
+
+    data_cfg = OmegaConf.create(data_yaml)
     root = resolve_root(data_cfg)
     prefix = "train" if train else "test"
     tensors = {}

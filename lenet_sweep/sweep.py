@@ -260,7 +260,12 @@ class OptunaSweep:
     def _log_overhead(trials, elapsed: float) -> None:
         here = [t for t in trials if t.user_attrs.get(protocol.WORKER_PID) == os.getpid()]
         busy = sum(t.user_attrs.get(protocol.TRAIN_TIME_S, 0.0) for t in here)
-        if here and busy:
-            log.info("time in training + evaluation: %.1fs of %.1fs; overhead %.2fs per trial "
-                     "(Hydra, Optuna, MLflow, data loading)",
-                     busy, elapsed, (elapsed - busy) / len(here))  # fmt: skip
+        if not (here and busy):
+            return
+        if busy > elapsed:  # trials trained side by side (hydra/launcher=fused)
+            log.info("training + evaluation: %.1f trial-seconds in %.1fs of sweep (trials "
+                     "trained together)", busy, elapsed)  # fmt: skip
+            return
+        log.info("time in training + evaluation: %.1fs of %.1fs; overhead %.2fs per trial "
+                 "(Hydra, Optuna, MLflow, data loading)",
+                 busy, elapsed, (elapsed - busy) / len(here))  # fmt: skip

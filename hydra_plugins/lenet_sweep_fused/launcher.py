@@ -1,0 +1,130 @@
+"""`hydra/launcher=fused`: the sweeper's batch of trials trained together on one device.
+
+Each trial is prepared as a job of its own (Hydra's run_job: its job dir, .hydra/ configs and
+environment; lenet_sweep.app.Job: its checks, data, net and MLflow child run), then the trials that
+share model, optimizer (but lr), data, batch size and device train as one vmapped group
+(lenet_sweep.fused), and each is recorded as if it had run alone. The sweeper sees one JobReturn
+per trial, as from any launcher; the group's id is a tag on each child run.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each member's run
+
+
+@dataclass
+class FusedLauncherConf:
+    _target_: str = "hydra_plugins.lenet_sweep_fused.launcher.FusedLauncher"
+    max_group: int | None = None  # most trials in one group (memory: K x batch); null: no limit
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf)
+
+
+def _prepare(cfg: DictConfig):
+    """The task run inside each trial's Hydra job: everything before training."""
+    from lenet_sweep.app import Job
+
+    return Job.prepare(cfg)
+
+
+def group_key(cfg: DictConfig) -> str:
+    """What members of one group must share: all that shapes the step but lr, epochs and seed."""
+    optimizer = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items()
+                 if k != "lr"}  # fmt: skip
+    shared = {"model": cfg.model, "optimizer": optimizer, "data": cfg.data,
+              "batch_size": cfg.batch_size, "device": cfg.device, "cuda_graph": cfg.cuda_graph}  # fmt: skip
+    return OmegaConf.to_yaml(OmegaConf.create(shared), resolve=True)
+
+
+class FusedLauncher(Launcher):
+    def __init__(self, max_group: int | None = None) -> None:
+        self.max_group = max_group
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs fused", len(job_overrides))
+        returns = [self._prepared(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        jobs = {
+            i: r._return_value for i, r in enumerate(returns) if r.status == JobStatus.COMPLETED
+        }
+        try:
+            for group in self._groups(jobs):
+                self._train(group, returns)
+        except BaseException as e:  # an interrupt: every run still open ends KILLED
+            for job in jobs.values():
+                job.mlrun.__exit__(type(e), e, e.__traceback__)
+            raise
+        return returns
+
+    def _prepared(self, idx: int, overrides) -> JobReturn:
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(
+            self.config, list(overrides)
+        )
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        ret = run_job(hydra_context=self.hydra_context, task_function=_prepare,
+                      config=sweep_config, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def _groups(self, jobs: dict[int, Any]) -> list[list[tuple[int, Any]]]:
+        by_key: dict[str, list] = {}
+        for i, job in jobs.items():
+            by_key.setdefault(group_key(job.cfg), []).append((i, job))
+        size = self.max_group or len(jobs)
+        return [g[s : s + size] for g in by_key.values() for s in range(0, len(g), size)]
+
+    def _train(self, group: list[tuple[int, Any]], returns: list[JobReturn]) -> None:
+        from lenet_sweep import signals
+        from lenet_sweep.fused import Member, train_group
+
+        first = group[0][1]
+        group_id = uuid.uuid4().hex[:8]
+        members = []
+        for k, (_, job) in enumerate(group):
+            job.mlrun.set_tags({TAG_GROUP: f"{group_id} ({k + 1} of {len(group)})"})
+            members.append(Member(job.net, job.optimizer, job.cfg.epochs, job.cfg.seed,
+                                  job.train_args()["hooks"], job.resume,
+                                  name=str(job.cfg.trial.name or f"job {group[k][0]}")))  # fmt: skip
+        # One copy of the data for the group: load_split hands every job the same tensors.
+        log.info("training %d trials as one group on %s", len(group), first.device)
+        with signals.stop_on_signals():
+            train_group(members, first.train_split, first.test_split,
+                        batch_size=first.cfg.batch_size,
+                        graph=first.cfg.cuda_graph, progress=False)  # fmt: skip
+        for (i, job), member in zip(group, members, strict=True):
+            returns[i] = self._finished(returns[i], job, member)
+
+    @staticmethod
+    def _finished(ret: JobReturn, job, member) -> JobReturn:
+        """The member's record and JobReturn: metrics, or the error that stopped it alone."""
+        try:
+            if member.error is not None:
+                raise member.error
+            ret.return_value = job.complete(member.result)
+            ret.status = JobStatus.COMPLETED
+        except Exception as e:  # noqa: BLE001 - this member's failure, recorded as its trial's
+            job.failed(e)
+            job.mlrun.__exit__(type(e), e, e.__traceback__)
+            ret.return_value, ret.status = e, JobStatus.FAILED
+            return ret
+        job.mlrun.__exit__(None, None, None)
+        return ret

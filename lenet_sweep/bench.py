@@ -1,0 +1,263 @@
+"""`python -m lenet_sweep.bench`: this project's trainers against the seed's own path, on one
+device, in one process, one table: outputs/bench/<device>.md and .json.
+
+Rows: (a) the seed's path as d2l writes it (torchvision FashionMNIST + ToTensor + DataLoader with
+4 workers, a host sync per batch), (b) the eager loop, (c) the CUDA-graph trainer (CUDA only),
+(d) K trials fused (lenet_sweep.fused), (e) whole processes: `python -m lenet_sweep` for the
+trial itself, a tiny run (start-up) and `--help`, and, on CPU, the seed's path as a process.
+Targets are ratios against row (a) of the same run; see the README's "Speed" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
+from lenet_sweep.data import FILES, _decompressed, _find, load_split
+from lenet_sweep.models import init_xavier, lenet
+
+LR, BATCH = 0.9, 256
+
+
+def _data_cfg():
+    from omegaconf import OmegaConf
+
+    from lenet_sweep import CONFIG_DIR
+
+    return OmegaConf.load(CONFIG_DIR / "data" / "fashion_mnist.yaml")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _row(name, examples, train_s, wall_s, trials, test_acc, device, note="") -> dict:
+    return {"row": name, "examples_per_s": examples / train_s, "s_per_trial": wall_s / trials,
+            "test_acc": test_acc, "peak_mb": _peak_mb(device), "wall_s": wall_s, "note": note}  # fmt: skip
+
+
+# --- (a) the seed's path -------------------------------------------------------------------------
+def _torchvision_root(tmp: Path) -> Path:
+    """The idx files where torchvision's FashionMNIST looks for them (raw/, decompressed)."""
+    root, raw = Path(_data_cfg().system_root), tmp / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FILES.values():
+        (raw / name).symlink_to(_decompressed(_find(root, name), None)[0])
+    return tmp
+
+
+def seed_path(epochs: int, device: torch.device) -> dict:
+    """train_ch6 as the book runs it: DataLoader batches, float() per batch, steps timed."""
+    import torchvision
+    from torch.utils import data
+    from torchvision import transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, to_tensor = str(_torchvision_root(Path(tmp))), transforms.ToTensor()
+        train_set = torchvision.datasets.FashionMNIST(root, train=True, transform=to_tensor)
+        test_set = torchvision.datasets.FashionMNIST(root, train=False, transform=to_tensor)
+        train_iter = data.DataLoader(train_set, BATCH, shuffle=True, num_workers=4)
+        test_iter = data.DataLoader(test_set, BATCH, shuffle=False, num_workers=4)
+        _reset_peak(device)
+        start = time.perf_counter()
+        net = lenet()
+        net.apply(init_xavier)
+        net.to(device)
+        optimizer, loss = torch.optim.SGD(net.parameters(), lr=LR), nn.CrossEntropyLoss()
+        step_s, seen = 0.0, 0
+        for _ in range(epochs):
+            net.train()
+            for X, y in train_iter:
+                t = time.perf_counter()
+                optimizer.zero_grad()
+                X, y = X.to(device), y.to(device)
+                y_hat = net(X)
+                l = loss(y_hat, y)  # noqa: E741 - the book's name
+                l.backward()
+                optimizer.step()
+                with torch.no_grad():  # d2l's Accumulator: a host sync per value
+                    float(l * X.shape[0]), float((y_hat.argmax(1) == y).sum()), X.shape[0]
+                step_s += time.perf_counter() - t
+                seen += X.shape[0]
+            net.eval()
+            correct = 0
+            with torch.no_grad():
+                for X, y in test_iter:
+                    correct += float((net(X.to(device)).argmax(1) == y.to(device)).sum())
+        wall = time.perf_counter() - start
+    return _row("(a) seed's path (DataLoader, 4 workers)", seen, step_s, wall, 1,
+                correct / len(test_set), device, "steps timed as the book does")  # fmt: skip
+
+
+# --- (b)-(d) this project's trainers -------------------------------------------------------------
+def _splits(device):
+    cfg = _data_cfg()
+    return load_split(cfg, True, device), load_split(cfg, False, device)
+
+
+def _net(seed: int, device):
+    torch.manual_seed(seed)
+    net = lenet()
+    net.apply(init_xavier)
+    net.to(device)
+    return net, torch.optim.SGD(net.parameters(), lr=LR)
+
+
+def solo(name: str, epochs: int, device, graphed: bool) -> dict:
+    from lenet_sweep.fused import train_graphed
+    from lenet_sweep.train import train
+
+    train_split, test_split = _splits(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    net, optimizer = _net(42, device)
+    trainer = train_graphed if graphed else train
+    result = trainer(net, optimizer, train_split, test_split, epochs=epochs, batch_size=BATCH,
+                     seed=42, progress=False)  # fmt: skip
+    wall = time.perf_counter() - start
+    return _row(name, result.examples_seen, result.train_time_s, wall, 1,
+                result.final["test_acc"], device)  # fmt: skip
+
+
+def fused(k: int, epochs: int, device) -> dict:
+    from lenet_sweep.fused import Member, train_group
+
+    train_split, test_split = _splits(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    members = [Member(*_net(42 + i, device), epochs=epochs, seed=42 + i) for i in range(k)]
+    train_group(members, train_split, test_split, batch_size=BATCH, graph=True)
+    wall = time.perf_counter() - start
+    accs = [m.result.final["test_acc"] for m in members]
+    seen = sum(m.result.examples_seen for m in members)
+    train_s = members[0].result.train_time_s  # the group's time: every member rode all of it
+    note = f"test acc min {min(accs):.4f}; trial-examples/s" if k > 1 else "trial-examples/s"
+    return _row(f"(d) fused K={k}", seen, train_s, wall, k, sum(accs) / k, device, note)
+
+
+# --- (e) whole processes -------------------------------------------------------------------------
+def _timed(args: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)  # fmt: skip
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return time.perf_counter() - start, proc.returncode
+
+
+def processes(epochs: int, device: str, with_seed: bool) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/run",
+                  "progress=false"]  # fmt: skip
+        tiny = ["-m", "lenet_sweep", *common, "data.train_size=256", "data.test_size=256",
+                "epochs=1", "device=cpu"]  # fmt: skip
+        _timed(tiny)  # creates the MLflow store: a one-off, not start-up
+        for name, args in [
+            ("(e) `--help`", ["-m", "lenet_sweep", "--help"]),
+            ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny),
+            (f"(e) `python -m lenet_sweep lr=0.9 epochs={epochs}`",
+             ["-m", "lenet_sweep", *common, f"epochs={epochs}", f"device={device}"]),
+        ] + ([(f"(e) the seed's path as a process, {epochs} epochs",
+               ["-m", "lenet_sweep.bench", "--seed-process", f"--epochs={epochs}",
+                f"--device={device}"])] if with_seed else []):  # fmt: skip
+            wall, rc = _timed(args)
+            rows.append({"row": name, "wall_s": wall, "note": "" if rc == 0 else f"exit {rc}"})
+    return rows
+
+
+# --- the table -----------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(rows: list[dict], device_name: str, seed_rate: float | None) -> str:
+    lines = [f"# lenet_sweep bench on {device_name}", "",
+             "| row | examples/s | × seed | s per trial | test acc | peak MB | wall s | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        rate = r.get("examples_per_s")
+        ratio = rate / seed_rate if rate and seed_rate else None
+        lines.append(f"| {r['row']} | {_fmt(rate, ',.0f')} | {_fmt(ratio, '.2f')} | "
+                     f"{_fmt(r.get('s_per_trial'), '.2f')} | {_fmt(r.get('test_acc'), '.4f')} | "
+                     f"{_fmt(r.get('peak_mb'), ',.0f')} | {_fmt(r.get('wall_s'), '.2f')} | "
+                     f"{r.get('note', '')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _guarded(name: str, fn, *args) -> dict:
+    """A row, or the row's error in its note: one broken row never hides the others."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {"row": name, "note": f"failed: {type(e).__name__}: {e}"[:300]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(prog="python -m lenet_sweep.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--epochs", type=int, default=10 if default_device == "cuda" else 3)
+    parser.add_argument("--fused", default="1,8,16,64" if default_device == "cuda" else "1,4",
+                        help="group sizes K, comma-separated")  # fmt: skip
+    parser.add_argument("--no-processes", action="store_true", help="skip the (e) rows")
+    parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "bench")
+    parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.seed_process:  # row (e)'s seed process: the seed's path alone
+        print(seed_path(args.epochs, device))
+        return
+    rows = [_guarded("(a) seed's path", seed_path, args.epochs, device),
+            _guarded("(b) eager loop", solo, "(b) eager loop", args.epochs, device, False)]  # fmt: skip
+    if device.type == "cuda":
+        rows.append(_guarded("(c) CUDA-graph trainer", solo, "(c) CUDA-graph trainer",
+                             args.epochs, device, True))  # fmt: skip
+    rows += [_guarded(f"(d) fused K={k}", fused, int(k), args.epochs, device)
+             for k in args.fused.split(",") if k]  # fmt: skip
+    if not args.no_processes:
+        rows += processes(args.epochs, args.device, with_seed=device.type == "cpu")
+    name = device_name(device)
+    text = table(rows, name, rows[0].get("examples_per_s"))
+    text += f"\n{args.epochs} epochs per trial, lr {LR}, batch {BATCH}; torch {torch.__version__}; "
+    text += (
+        f"`python -m lenet_sweep.bench {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / name.replace(" ", "_").replace("/", "_")
+    Path(f"{stem}.md").write_text(text)
+    Path(f"{stem}.json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    print(text)
+    print(f"written: {stem}.md, {stem}.json")
+
+
+if __name__ == "__main__":
+    main()

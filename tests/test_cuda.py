@@ -1,0 +1,81 @@
+"""The CUDA paths against the eager loop and the CPU: run wherever a GPU is visible (the lent
+H100/H200: ../shared/tools/device-pack), skipped elsewhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lenet_sweep.checkpoint import Checkpoint
+from lenet_sweep.data import load_split
+from lenet_sweep.fused import Member, train_graphed, train_group
+from lenet_sweep.hooks import save_checkpoint
+from lenet_sweep.models import build
+from lenet_sweep.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda:0")
+
+
+def _setup(make_cfg, device, *overrides):
+    cfg = make_cfg("data.train_size=null", "data.test_size=null", *overrides)
+    return cfg, load_split(cfg.data, True, device), load_split(cfg.data, False, device)
+
+
+def _run(trainer, cfg, splits, device, epochs, **kw):
+    net, optimizer = build(cfg, device)
+    return trainer(net, optimizer, *splits, epochs=epochs, batch_size=cfg.batch_size,
+                   seed=cfg.seed, progress=False, **kw)  # fmt: skip
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return math.isclose(a, b, rel_tol=rel)
+
+
+@pytest.mark.parametrize("overrides", [(), ("data.train_size=1000", "batch_size=300")])
+def test_graph_trainer_matches_eager_on_cuda(make_cfg, overrides):
+    """Full data (last batch 96), and an odd last batch (1000 = 3 x 300 + 100)."""
+    cfg, *splits = _setup(make_cfg, CUDA, *overrides)
+    epochs = 10 if not overrides else 4
+    eager = _run(train, cfg, splits, CUDA, epochs)
+    graphed = _run(train_graphed, cfg, splits, CUDA, epochs)
+    for e, g in zip(eager.history, graphed.history, strict=True):
+        assert _close(e["train_loss"], g["train_loss"], 1e-5), (e, g)
+        assert abs(e["test_acc"] - g["test_acc"]) <= 0.002, (e, g)
+    if not overrides:
+        assert 0.70 <= graphed.final["test_acc"] <= 0.90  # the seed's band after 10 epochs
+
+
+def test_fused_member_matches_its_solo_cpu_run(make_cfg):
+    cfg_cpu, *cpu_splits = _setup(make_cfg, torch.device("cpu"))
+    solo = _run(train, cfg_cpu, cpu_splits, torch.device("cpu"), 3)
+    cfg, *splits = _setup(make_cfg, CUDA)
+    members = []
+    for lr, seed in [(0.9, cfg.seed), (0.3, 1), (0.05, 2), (2.0, 3)]:
+        other = make_cfg(f"lr={lr}", f"seed={seed}", "data.train_size=null", "data.test_size=null")
+        members.append(Member(*build(other, CUDA), epochs=3 if lr != 0.3 else 1, seed=seed))
+    train_group(members, *splits, batch_size=cfg.batch_size, graph=True)
+    twin = members[0].result.history
+    assert _close(solo.history[0]["train_loss"], twin[0]["train_loss"], 1e-4)
+    assert abs(solo.final["test_acc"] - twin[-1]["test_acc"]) <= 0.02
+    assert [len(m.result.history) for m in members] == [3, 1, 3, 3]  # the 1-epoch one left
+
+
+def test_graph_trainer_resumes_to_the_uninterrupted_result(make_cfg, tmp_path):
+    cfg, *splits = _setup(make_cfg, CUDA)
+    whole = _run(train_graphed, cfg, splits, CUDA, 4)
+
+    def stop_after_two(state):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _run(train_graphed, cfg, splits, CUDA, 4, hooks=[save_checkpoint(path), stop_after_two])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    resumed = _run(train_graphed, cfg, splits, CUDA, 4, resume=Checkpoint(**state))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert _close(a["train_loss"], b["train_loss"], 1e-5) and a["test_acc"] == b["test_acc"]

@@ -1,0 +1,174 @@
+"""Fused trials on CPU: the engine against runs alone, and `hydra/launcher=fused` end to end,
+read back from Optuna, MLflow and the job dirs."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from lenet_sweep import tracking_store
+from lenet_sweep.checkpoint import Checkpoint
+from lenet_sweep.data import load_split
+from lenet_sweep.fused import Member, train_group
+from lenet_sweep.hooks import Diverged, save_checkpoint, stop_on_divergence
+from lenet_sweep.models import build
+from lenet_sweep.train import train
+from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
+
+CPU = torch.device("cpu")
+FUSED = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "hydra.sweeper.n_trials=4"]
+
+
+@pytest.fixture
+def trial(make_cfg):
+    """A trial's config, net and optimizer as a run alone builds them, and the shared data."""
+    cfg = make_cfg()
+    splits = load_split(cfg.data, True, CPU), load_split(cfg.data, False, CPU)
+
+    def _trial(lr: float, seed: int):
+        cfg = make_cfg(f"lr={lr}", f"seed={seed}")
+        return cfg, *build(cfg, CPU)
+
+    return _trial, splits
+
+
+def test_each_member_follows_its_run_alone(trial):
+    make, splits = trial
+    specs = [(0.9, 1, 2), (0.3, 2, 3), (0.05, 3, 1)]  # lr, seed, epochs: each its own
+    members, alone = [], []
+    for lr, seed, epochs in specs:
+        _, net, optimizer = make(lr, seed)
+        members.append(Member(net, optimizer, epochs=epochs, seed=seed))
+        _, net, optimizer = make(lr, seed)
+        alone.append(train(net, optimizer, *splits, epochs=epochs, batch_size=256, seed=seed,
+                           progress=False))  # fmt: skip
+    train_group(members, *splits, batch_size=256, graph=True)  # graph: ignored on CPU
+    for member, solo in zip(members, alone, strict=True):
+        fused = member.result.history
+        assert [h["epoch"] for h in fused] == [h["epoch"] for h in solo.history]
+        assert math.isclose(fused[0]["train_loss"], solo.history[0]["train_loss"], rel_tol=1e-4)
+        assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
+    # Each member's own net holds its own weights, as a run alone leaves them.
+    weights = [m.net[0].weight for m in members]
+    assert not torch.equal(weights[0], weights[1])
+
+
+def test_a_diverging_member_fails_alone(trial):
+    make, splits = trial
+    members = []
+    for lr, seed in [(0.5, 1), (500.0, 2), (0.5, 3)]:
+        _, net, optimizer = make(lr, seed)
+        members.append(
+            Member(net, optimizer, epochs=2, seed=seed, hooks=[stop_on_divergence(23.0)])
+        )
+    train_group(members, *splits, batch_size=256, graph=False)
+    assert isinstance(members[1].error, Diverged) and len(members[1].result.history) == 1
+    assert [m.error for m in (members[0], members[2])] == [None, None]
+    assert [len(m.result.history) for m in (members[0], members[2])] == [2, 2]
+
+
+def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):
+    make, splits = trial
+    _, net, optimizer = make(0.9, 5)
+    [whole] = train_group([Member(net, optimizer, epochs=3, seed=5)], *splits, batch_size=256,
+                          graph=False)  # fmt: skip
+
+    def stop_after_one(state):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "checkpoint.pt"
+    _, net, optimizer = make(0.9, 5)
+    hooks = [save_checkpoint(path), stop_after_one]
+    with pytest.raises(KeyboardInterrupt):
+        train_group([Member(net, optimizer, 3, 5, hooks)], *splits, batch_size=256, graph=False)
+    checkpoint = Checkpoint(**torch.load(path, weights_only=True))
+    _, net, optimizer = make(0.9, 5)
+    [resumed] = train_group([Member(net, optimizer, 3, 5, resume=checkpoint)], *splits,
+                            batch_size=256, graph=False)  # fmt: skip
+    assert resumed.result.history == whole.result.history
+
+
+def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
+    proc = sweep.run(*FUSED, "hydra/sweeper/sampler=grid", "lr=choice(0.2, 0.5, 0.9, 500.0)",
+                     "epochs=choice(1, 2)", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=8",
+                     "hydra.sweeper.max_failure_rate=1.0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    states = {(t.params["lr"], t.params["epochs"]): t.state for t in trials}
+    assert states[(500.0, 1)] == states[(500.0, 2)] == TrialState.FAIL  # diverged: alone
+    assert (
+        "diverged at epoch 1"
+        in trials[[t.params["lr"] for t in trials].index(500.0)].user_attrs["fail_reason"]
+    )
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 6
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and len(children) == 8
+    client = tracking_store.client(sweep.mlflow_uri)
+    groups = {r.data.tags["lenet_sweep.fused_group"].split()[0] for r in children}
+    assert len(groups) == 1  # one batch, one group
+    for run in children:
+        number = int(run.data.tags["optuna.trial_number"])
+        t = trials[number]
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        if t.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in history] == list(range(1, t.params["epochs"] + 1))
+            assert history[-1].value == t.value  # Optuna's value is the child's last epoch
+            assert float(run.data.params["lr"]) == t.params["lr"]
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"model", "config.yaml", "training_curves.png"} <= names
+            assert (sweep.dir / str(number) / "checkpoint.pt").is_file()
+        else:
+            assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
+        assert (sweep.dir / str(number) / ".hydra" / "config.yaml").is_file()
+
+
+def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
+    proc = sweep.run(*FUSED, "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=threshold",
+                     "hydra.sweeper.pruner.lower=0.3", "model=lenet_relu", "optimizer=adam",
+                     "lr=choice(0.003, 0.0000001)", "epochs=3", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.n_jobs=2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = {t.params["lr"]: t.state for t in sweep.trials()}
+    assert states == {0.003: TrialState.COMPLETE, 1e-07: TrialState.PRUNED}
+    _, children = sweep.runs()
+    by_state = {r.data.tags["optuna.trial_state"]: r for r in children}
+    assert by_state["PRUNED"].data.tags["pruned_at_epoch"] == "1"
+    assert by_state["PRUNED"].info.status == "FINISHED"
+    assert by_state["COMPLETE"].data.metrics["epochs_run"] == 3
+
+
+@pytest.mark.slow
+def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
+    args = sweep.args(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            trials = sweep.trials()
+        except Exception:  # study not created yet
+            continue
+        if trials and all(len(t.intermediate_values) >= 1 for t in trials):
+            break  # the group has trained an epoch: kill it mid-training
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [t.state for t in sweep.trials()] == [TrialState.RUNNING] * 4
+
+    rerun = sweep.run(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4 + [TrialState.COMPLETE] * 4
+    _, children = sweep.runs()
+    statuses = sorted((int(r.data.tags["optuna.trial_number"]), r.info.status) for r in children)
+    assert statuses == [(i, "KILLED") for i in range(4)] + [(i, "FINISHED") for i in range(4, 8)]

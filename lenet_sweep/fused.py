@@ -91,7 +91,7 @@ class _Group:
         template = copy.deepcopy(members[0].net).to("meta")
         optim = FusedOptimizer.stack([m.optimizer for m in members], params)
         shuffles = [m.state.shuffle for m in members]
-        perm = torch.empty(len(members), n, dtype=torch.long, device=device)
+        perm = torch.zeros(len(members), n, dtype=torch.long, device=device)  # valid for warm-up
         return cls(members, template, params, optim, shuffles, perm)
 
     def state_tensors(self) -> list[torch.Tensor]:

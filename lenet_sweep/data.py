@@ -194,4 +194,6 @@ def _load_split(data_yaml: str, train: bool, device: str) -> Split:
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     images = images.to(device).unsqueeze(1).float().div_(255)
+    if device == "cpu":  # the layout models.build gives CPU nets
+        images = images.contiguous(memory_format=torch.channels_last)
     return Split(images=images, labels=labels.to(device=device, dtype=torch.long))

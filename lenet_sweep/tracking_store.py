@@ -121,8 +121,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+_repaired: set[tuple[str, str]] = set()
+
+
 def repair_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
-    """Runs left RUNNING by a process of this host that is gone (kill -9, power loss) -> KILLED."""
+    """Runs left RUNNING by a process of this host that is gone (kill -9, power loss) -> KILLED.
+    Once per store and process: later runs of the process (a sweep's trials) find it done."""
+    if (uri, experiment_id) in _repaired:
+        return []
+    _repaired.add((uri, experiment_id))
     mlflow_client = client(uri)
     orphans = []
     for run in mlflow_client.search_runs(

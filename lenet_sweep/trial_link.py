@@ -5,6 +5,7 @@ is the same for any Hydra app the sweeper runs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import optuna
@@ -13,9 +14,15 @@ from lenet_sweep import protocol
 from lenet_sweep.study_storage import open_storage, running_trial
 
 
+@functools.cache
+def _storage(url: str):
+    """One storage (engine, connection pool) per process: a fused launch links many trials."""
+    return open_storage(url)
+
+
 class TrialLink:
     def __init__(self, storage_url: str, study_name: str, number: int, pruner=None):
-        storage = open_storage(storage_url)
+        storage = _storage(storage_url)
         self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
         self.trial = running_trial(self.study, storage, number)
         self.number = number

@@ -199,8 +199,6 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
     riding = [m for m in members if not m.done]
     if not riding:
         return members
-    if graph and len(riding) > 1:  # let cuDNN time its grouped-convolution kernels once
-        torch.backends.cudnn.benchmark = True
     group = _Group.stack(riding, len(train), device)
     epoch_fn = _Epoch(group, train, test, batch_size, graph)
     bar = tqdm(total=max(m.epochs for m in riding), desc="epochs", leave=False,

@@ -115,8 +115,9 @@ class TrackedRun(Run):
         """The trained net under `model/`: mlflow.pytorch.load_model("runs:/<id>/model")."""
         import tempfile
 
-        import mlflow.pytorch
         import torch
+
+        mlflow_pytorch = _mlflow_pytorch()
 
         # Pinned requirements skip MLflow's import-tracing inference (seconds per run); pickle,
         # because the default pt2 format needs an example input and a traced graph.
@@ -125,7 +126,7 @@ class TrackedRun(Run):
         level, quiet.level = quiet.level, logging.ERROR
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                mlflow.pytorch.save_model(net, f"{tmp}/model", serialization_format="pickle",
+                mlflow_pytorch.save_model(net, f"{tmp}/model", serialization_format="pickle",
                                           pip_requirements=[torch_req])  # fmt: skip
                 self.client.log_artifacts(self.run_id, f"{tmp}/model", "model")
         finally:
@@ -142,6 +143,23 @@ class TrackedRun(Run):
         )
         if result.history:
             self.log_figure(curves_figure(result.history), "training_curves.png")
+
+
+def _mlflow_pytorch():
+    """mlflow.pytorch, imported without pytorch_lightning: where Lightning is installed (the GPU
+    image), mlflow.pytorch imports it for an autolog callback, 3 s of a run's start-up; saving a
+    plain nn.Module needs none of it (mlflow.pytorch skips the callback on ImportError)."""
+    import sys
+
+    blocked = "pytorch_lightning" not in sys.modules
+    if blocked:
+        sys.modules["pytorch_lightning"] = None  # makes `import pytorch_lightning` ImportError
+    try:
+        import mlflow.pytorch
+    finally:
+        if blocked:
+            del sys.modules["pytorch_lightning"]
+    return mlflow.pytorch
 
 
 class SweepRun(Run):

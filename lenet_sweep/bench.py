@@ -24,7 +24,7 @@ from torch import nn
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
 from lenet_sweep.data import FILES, _decompressed, _find, load_split
-from lenet_sweep.models import init_xavier, lenet
+from lenet_sweep.models import init_xavier, lenet, place
 
 LR, BATCH = 0.9, 256
 
@@ -120,7 +120,7 @@ def _net(seed: int, device):
     torch.manual_seed(seed)
     net = lenet()
     net.apply(init_xavier)
-    net.to(device)
+    place(net, device)  # as models.build places a run's net
     return net, torch.optim.SGD(net.parameters(), lr=LR)
 
 

@@ -39,7 +39,14 @@ def build(cfg, device) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(cfg.seed)
     net = instantiate(cfg.model)
     net.apply(init_xavier)
-    net.to(device)
-    if device.type == "cpu":  # oneDNN's NHWC convolutions: 1.4x the steps here, same numbers
-        net.to(memory_format=torch.channels_last)
+    place(net, device)
     return net, instantiate(cfg.optimizer)(net.parameters())
+
+
+def place(net: nn.Module, device) -> nn.Module:
+    """Move a net to its device; on the CPU in channels-last layout: oneDNN's NHWC convolutions
+    take 1.4x the steps per second there, with the same numbers."""
+    net.to(device)
+    if device.type == "cpu":
+        net.to(memory_format=torch.channels_last)
+    return net

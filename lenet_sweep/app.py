@@ -25,12 +25,12 @@ TAG_RESUMED_FROM = "lenet_sweep.resumed_from"  # a resume that could not continu
 @dataclass
 class HydraJob:
     """What this job takes from Hydra: its output dir, the user's overrides, the group options
-    chosen, the sweep's pruner."""
+    chosen, the sweeper's settings (its pruner and storage)."""
 
     output_dir: str | None = None
     overrides: list[str] = field(default_factory=list)
     choices: dict = field(default_factory=dict)
-    pruner_cfg: DictConfig | None = None
+    sweeper_cfg: DictConfig | None = None
 
     @classmethod
     def current(cls) -> HydraJob:
@@ -41,7 +41,7 @@ class HydraJob:
         hc = HydraConfig.get()
         overrides = [o for o in hc.overrides.task if not protocol.is_trial_override(o)]
         choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-        return cls(hc.runtime.output_dir, overrides, choices, hc.sweeper.get("pruner"))
+        return cls(hc.runtime.output_dir, overrides, choices, hc.sweeper)
 
 
 def _run_name(cfg: DictConfig, params: dict) -> str:
@@ -95,7 +95,7 @@ class Job:
         experiment_id = tracking_store.prepare_experiment(uri, cfg.mlflow.experiment)
         tracking_store.repair_orphaned_runs(uri, experiment_id)
         hydra_job = HydraJob.current()
-        link = TrialLink.current(hydra_job.pruner_cfg)
+        link = TrialLink.current(hydra_job.sweeper_cfg)
 
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
         train_split = load_split(cfg.data, train=True, device=device)

@@ -12,8 +12,10 @@ MLflow store. End to end, in order:
    because Hydra logs overrides and the URL may hold a password; launcher processes inherit
    it. An app whose config has a `trial` node also gets `trial_overrides` (TRIAL_NUMBER,
    TRIAL_NAME for its MLflow run, TRIAL_STUDY, TRIAL_PARENT_RUN).
-3. The job (lenet_sweep.trial_link) opens that storage, finds its trial by number and rebuilds
-   the pruner from its own composed `hydra.sweeper.pruner` (Optuna does not store pruners). It
+3. The job (lenet_sweep.trial_link) opens that storage (where the variable did not travel, as on a
+   Ray cluster's workers: its own composed `hydra.sweeper.storage`), finds its trial by number
+   and rebuilds the pruner from its composed `hydra.sweeper.pruner` (Optuna does not store
+   pruners). It
    writes MLFLOW_RUN_ID once its run exists, reports each epoch's objective (the pruner may stop
    it: TrialPruned) and, when done, TRAIN_TIME_S. Its MLflow run carries TAG_PARENT_RUN,
    TAG_STUDY_NAME, TAG_TRIAL_NUMBER and, at its end, TAG_TRIAL_STATE.

@@ -28,10 +28,12 @@ from lenet_sweep import (
     search_space,
     signals,
     study_storage,
+    sweep_report,
     tracking,
     tracking_store,
 )
 from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
+from lenet_sweep.sweep_report import values
 from lenet_sweep.sweep_setup import SweepSetup
 from lenet_sweep.tracking import NoSweepRun, SweepRun
 from lenet_sweep.urls import mask_url
@@ -67,12 +69,6 @@ def trial_name(number: int, params: dict) -> str:
     return " ".join([f"t{number:03d}", *shown])
 
 
-def _values(trial, objectives: list[str]) -> str:
-    return " ".join(
-        f"{name}={value:.4g}" for name, value in zip(objectives, trial.values, strict=True)
-    )
-
-
 class OptunaSweep:
     """One sweep process: settings + Hydra's composed config + a launcher."""
 
@@ -87,6 +83,17 @@ class OptunaSweep:
             self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
     def run(self, arguments: list[str]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._run(arguments)
+        except MlflowException as e:  # the tracking server went away (or never came)
+            first = mask_url(str(e)).splitlines()[0][:300]
+            raise SweepFailed(f"MLflow at {mask_url(str(self.mlflow_uri))} failed: {first}; start "
+                              "the tracking server (or fix MLFLOW_TRACKING_URI) and rerun the "
+                              "same command: the study goes on") from e  # fmt: skip
+
+    def _run(self, arguments: list[str]) -> None:
         settings = self.settings
         space, fixed = self.setup.check(arguments)
         sampler = self.setup.sampler(space)
@@ -130,12 +137,24 @@ class OptunaSweep:
         heartbeat.start()
         states: list[TrialState] = []
         in_flight: list[optuna.Trial] = []
+        lost = 0  # trials whose job process died (killed, out of memory, node lost)
         try:
             with signals.stop_on_signals():
                 while not signals.check() and (in_flight := self._ask(study, storage)):
                     heartbeat.watch(in_flight)
                     overrides = [self._overrides(t, space, fixed, parent.run_id) for t in in_flight]
-                    returns = self.launcher.launch(overrides, initial_job_idx=in_flight[0].number)
+                    try:
+                        returns = self.launcher.launch(
+                            overrides, initial_job_idx=in_flight[0].number
+                        )
+                    except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
+                        lost += self._batch_lost(study, in_flight, e)
+                        heartbeat.watch([])
+                        if lost / self.settings.n_trials > self.settings.max_failure_rate:
+                            raise SweepFailed(f"{lost} trials lost with their job processes, "
+                                              f"last: {type(e).__name__}: {mask_url(str(e))[:300]}; "
+                                              "see the launcher's job logs") from e  # fmt: skip
+                        continue
                     for trial, ret in zip(in_flight, returns, strict=True):
                         outcome = protocol.job_outcome(ret, self.objectives)
                         states.append(record(study, trial, outcome))
@@ -154,6 +173,21 @@ class OptunaSweep:
         finally:
             heartbeat.stopped.set()
         return states
+
+    def _batch_lost(self, study, in_flight: list[optuna.Trial], error: Exception) -> int:
+        """A job process died (submitit and Ray raise for the whole batch): fail the batch's
+        trials without a fail_reason, so that new trials replace them, and end their MLflow runs
+        KILLED. Returns how many were lost."""
+        log.warning("a job of trials %s died (%s: %s); failing the batch, its trials run again",
+                    [t.number for t in in_flight], type(error).__name__,
+                    mask_url(str(error)).splitlines()[0][:300] if str(error) else "")  # fmt: skip
+        for trial in in_flight:
+            study_storage.tell(study, trial, state=TrialState.FAIL)
+        if self.mlflow_uri:
+            numbers = {t.number for t in in_flight}
+            lost = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
+            tracking.kill_trial_runs(self.mlflow_uri, lost)
+        return len(in_flight)
 
     def _ask(self, study, storage) -> list[optuna.Trial]:
         with study_storage.ask_lock(storage, self.settings.storage):
@@ -192,10 +226,10 @@ class OptunaSweep:
         done = study.get_trials(deepcopy=False)[trial.number]
         if len(self.directions) == 1:
             best = study.best_trial
-            so_far = f"best so far: trial {best.number}, {_values(best, self.objectives)}"
+            so_far = f"best so far: trial {best.number}, {values(best, self.objectives)}"
         else:
             so_far = f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}"
-        log.info("trial %d done: %s; %s", trial.number, _values(done, self.objectives), so_far)
+        log.info("trial %d done: %s; %s", trial.number, values(done, self.objectives), so_far)
 
     def _too_many_failures(self, study: optuna.Study) -> bool:
         """Failures measured against n_trials: once past the rate, the sweep can only end past it."""
@@ -220,7 +254,7 @@ class OptunaSweep:
                 "see the trials' fail_reason in Optuna or the child runs' error tag in MLflow"
             )
         best = [study.best_trial] if len(self.directions) == 1 else study.best_trials
-        results = self._results(best)
+        results = sweep_report.results(best, self.directions, self.objectives)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         (self.sweep_dir / "optimization_results.yaml").write_text(yaml.safe_dump(results))
         parent.record_best(study, best, results, self.objectives)
@@ -230,10 +264,10 @@ class OptunaSweep:
         elif not counts["RUNNING"]:  # another worker still running: it will end the parent run
             parent.end("FINISHED")
         log.info("sweep %s: %s; %s", study.study_name, summary, ran)
-        self._log_overhead(trials, elapsed)
+        sweep_report.log_overhead(trials, elapsed)
         for trial in best:
             log.info("%s trial %d: %s with %s", "best" if len(self.objectives) == 1 else "Pareto-optimal",
-                     trial.number, _values(trial, self.objectives),
+                     trial.number, values(trial, self.objectives),
                      " ".join(f"{k}={v}" for k, v in trial.params.items()))  # fmt: skip
         log.info("results: %s", self.sweep_dir / "optimization_results.yaml")
         if self.mlflow_uri:
@@ -245,27 +279,3 @@ class OptunaSweep:
                 f"{self.settings.max_failure_rate}; fix the failing trials (fail_reason in "
                 "Optuna) or raise hydra.sweeper.max_failure_rate"
             )
-
-    def _results(self, best: list) -> dict:
-        """optimization_results.yaml, in the official sweeper's shape (solutions: several)."""
-        if len(self.directions) == 1:
-            return {"name": "optuna", "best_params": dict(best[0].params),
-                    "best_value": best[0].value}  # fmt: skip
-        solutions = [{"number": t.number, "params": dict(t.params), "values": list(t.values)}
-                     for t in best]  # fmt: skip
-        return {"name": "optuna", "objectives": dict(zip(self.objectives, self.directions,
-                                                         strict=True)), "solutions": solutions}  # fmt: skip
-
-    @staticmethod
-    def _log_overhead(trials, elapsed: float) -> None:
-        here = [t for t in trials if t.user_attrs.get(protocol.WORKER_PID) == os.getpid()]
-        busy = sum(t.user_attrs.get(protocol.TRAIN_TIME_S, 0.0) for t in here)
-        if not (here and busy):
-            return
-        if busy > elapsed:  # trials trained side by side (hydra/launcher=fused)
-            log.info("training + evaluation: %.1f trial-seconds in %.1fs of sweep (trials "
-                     "trained together)", busy, elapsed)  # fmt: skip
-            return
-        log.info("time in training + evaluation: %.1fs of %.1fs; overhead %.2fs per trial "
-                 "(Hydra, Optuna, MLflow, data loading)",
-                 busy, elapsed, (elapsed - busy) / len(here))  # fmt: skip

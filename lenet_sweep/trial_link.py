@@ -30,20 +30,24 @@ class TrialLink:
         self.reports = len(self.study.directions) == 1
 
     @classmethod
-    def current(cls, pruner_cfg=None) -> TrialLink | None:
+    def current(cls, sweeper_cfg=None) -> TrialLink | None:
         """The link for the job a sweep launched, from its environment (None outside a sweep).
 
-        `pruner_cfg` is the job's own composed `hydra.sweeper.pruner`, the node the sweeper built
-        its pruner from: pruning is decided here, and Optuna does not store pruners.
+        `sweeper_cfg` is the job's own composed `hydra.sweeper`, the node the sweeper was built
+        from: the pruner is rebuilt from its `pruner` (Optuna does not store pruners), and its
+        `storage` is used where STORAGE_ENV did not travel (a Ray cluster's workers run in the
+        environment of `ray start`, not of the sweep).
         """
         number, study_name = os.environ.get(protocol.TRIAL_ENV), os.environ.get(protocol.STUDY_ENV)
         if number is None or study_name is None:
             return None
-        storage = os.environ.get(protocol.STORAGE_ENV)
+        sweeper_cfg = sweeper_cfg or {}
+        storage = os.environ.get(protocol.STORAGE_ENV) or sweeper_cfg.get("storage")
         if not storage:
             raise RuntimeError(f"${protocol.TRIAL_ENV} is set but ${protocol.STORAGE_ENV} is not")
         from hydra.utils import instantiate
 
+        pruner_cfg = sweeper_cfg.get("pruner")
         pruner = instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
         return cls(storage, study_name, int(number), pruner)
 
@@ -85,6 +89,6 @@ def report(value: float, step: int) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hydra = HydraConfig.get() if HydraConfig.initialized() else None
-        _links[key] = TrialLink.current(hydra.sweeper.get("pruner") if hydra else None)
+        _links[key] = TrialLink.current(hydra.sweeper if hydra else None)
     if _links[key].report(value, step):
         raise optuna.TrialPruned(f"pruned at step {step}")

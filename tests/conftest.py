@@ -75,10 +75,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
     )
 
 
-def run_together(*arg_lists: list[str], timeout: int = 600) -> list[tuple[int, str]]:
+def run_together(*arg_lists: list[str], timeout: int = 600, env: dict | None = None):
     """`python -m lenet_sweep ARGS` for each list, all started at once: (exit code, output) each."""
+    full_env = {**os.environ, **(env or {})}
     procs = [subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for args in arg_lists]  # fmt: skip
+                              stderr=subprocess.STDOUT, text=True, env=full_env)
+             for args in arg_lists]  # fmt: skip
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 

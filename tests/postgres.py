@@ -51,6 +51,14 @@ class PostgresServer:
                         "lenet", "optuna"], check=True, capture_output=True, env=env)  # fmt: skip
         return f"postgresql://lenet:{password}@127.0.0.1:{self.port}/optuna"
 
+    def create_database(self, name: str) -> str:
+        """Another database on the running server; returns its URL (same credentials)."""
+        password = (self.root / "pw").read_text()
+        env = {**os.environ, "PGPASSWORD": password}
+        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                        "lenet", name], check=True, capture_output=True, env=env)  # fmt: skip
+        return f"postgresql://lenet:{password}@127.0.0.1:{self.port}/{name}"
+
     def stop(self) -> None:
         subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast",
                                      "stop"]), capture_output=True)  # fmt: skip

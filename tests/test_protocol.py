@@ -88,7 +88,7 @@ def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg, monkeypatch
         monkeypatch.setenv(key, value.strip("'"))
     pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}
     with protocol.storage_env(url):
-        link = TrialLink.current(pruner)
+        link = TrialLink.current({"pruner": pruner})
     assert link.number == asked.number and cfg.trial.name == "t000 lr=0.1"
     assert link.run_tags(cfg.trial.parent_run_id) == {
         protocol.TAG_PARENT_RUN: "parent123",
@@ -103,6 +103,19 @@ def test_round_trip_from_sweeper_to_job_and_back(tmp_path, make_cfg, monkeypatch
     assert trial.intermediate_values == {1: 0.9, 2: 0.1}
     assert trial.user_attrs[protocol.MLFLOW_RUN_ID] == "run-abc"
     assert trial.user_attrs[protocol.TRAIN_TIME_S] == 12.5
+
+
+def test_a_job_without_the_storage_variable_uses_its_composed_storage(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="remote", storage=url)
+    asked = study.ask()
+    monkeypatch.setenv(protocol.TRIAL_ENV, str(asked.number))
+    monkeypatch.setenv(protocol.STUDY_ENV, "remote")
+    monkeypatch.delenv(protocol.STORAGE_ENV, raising=False)  # a Ray cluster's worker
+    link = TrialLink.current({"storage": url, "pruner": None})
+    assert link.number == asked.number and link.study.study_name == "remote"
+    with pytest.raises(RuntimeError, match="LENET_SWEEP_OPTUNA_STORAGE is not"):
+        TrialLink.current({"pruner": None})
 
 
 def test_single_run_has_no_trial_link(monkeypatch):

@@ -51,7 +51,10 @@ def ui(tmp_path):
     sweep = run_cli("-m", *common, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=s",
                     f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
                     f"hydra.sweep.dir={tmp_path / 'm'}", "lr=tag(log, interval(0.05, 2.0))",
-                    "epochs=range(1, 3)")  # fmt: skip
+                    "epochs=range(1, 3)",
+                    # Both epochs values for sure (three random draws agree one time in four):
+                    # the compare page lists the params that differ.
+                    "hydra.sweeper.enqueue=[{lr: 0.1, epochs: 1}, {lr: 0.5, epochs: 2}]")  # fmt: skip
     single = run_cli(*common, "epochs=2", f"hydra.run.dir={tmp_path / 'r'}")
     assert sweep.returncode == 0 and single.returncode == 0, sweep.stderr[-2000:] + single.stderr
     port = _free_port()

@@ -121,12 +121,15 @@ class Job:
         return cls(cfg, device, uri, experiment_id, hydra_job, link, train_split, test_split,
                    net, optimizer, resume, mlrun)  # fmt: skip
 
+    def hooks(self) -> list:
+        """This run's per-epoch hooks (`_epoch_hooks`)."""
+        return _epoch_hooks(self.cfg, self.hydra, self.mlrun, self.link)
+
     def train_args(self) -> dict:
         """Everything a trainer takes after (net, optimizer, train split, test split)."""
         cfg = self.cfg
         return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "progress": cfg.progress, "resume": self.resume,
-                "hooks": _epoch_hooks(cfg, self.hydra, self.mlrun, self.link)}  # fmt: skip
+                "progress": cfg.progress, "resume": self.resume, "hooks": self.hooks()}  # fmt: skip
 
     def failed(self, error: BaseException) -> None:
         """What a run that diverged records before its run ends FAILED."""
@@ -134,12 +137,10 @@ class Job:
             self.mlrun.log_metrics({"train_loss": error.loss}, step=error.epoch)
             self.mlrun.set_tags({"diverged": "true", "diverged_at_epoch": error.epoch})
 
-    def complete(self, result: TrainResult, **tags) -> dict[str, float]:
+    def complete(self, result: TrainResult) -> dict[str, float]:
         """Record a finished training: totals, curves, the model, the trial's state."""
         self.mlrun.log_summary(result)
         self.mlrun.log_model(self.net)
-        if tags:
-            self.mlrun.set_tags(tags)
         log.info("MLflow run %s: %s", self.mlrun.run_id,
                  tracking_store.ui_link(self.uri, self.experiment_id))  # fmt: skip
         _print_seed_lines(result, self.device)
@@ -155,7 +156,7 @@ def _ended_on_error(mlrun: tracking.TrackedRun):
     try:
         yield
     except BaseException as e:
-        mlrun.__exit__(type(e), e, e.__traceback__)
+        mlrun.close(e)
         raise
 
 

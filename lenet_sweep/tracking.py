@@ -88,17 +88,22 @@ class TrackedRun(Run):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(exc)
+        return False
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the run for how its work ended (unless ended already): FINISHED without an
+        error, KILLED on an interrupt, else FAILED with the error as a tag."""
         if self.ended:
-            return False
-        if exc_type is not None:
-            self.set_tags({"error": f"{exc_type.__name__}: {mask_url(str(exc))}"[:5000]})
-        if exc_type is None:
+            return
+        if error is not None:
+            self.set_tags({"error": f"{type(error).__name__}: {mask_url(str(error))}"[:5000]})
+        if error is None:
             self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+        elif isinstance(error, KeyboardInterrupt | SystemExit):
             self.end("KILLED")
         else:
             self.end("FAILED")
-        return False
 
     def log_epoch(self, stats: dict) -> None:
         """One epoch's metrics at step = epoch."""

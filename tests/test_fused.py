@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -152,15 +151,8 @@ def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
     args = sweep.args(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
     proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.1)
-        try:
-            trials = sweep.trials()
-        except Exception:  # study not created yet
-            continue
-        if trials and all(len(t.intermediate_values) >= 1 for t in trials):
-            break  # the group has trained an epoch: kill it mid-training
+    # The group has trained an epoch: kill it mid-training.
+    sweep.wait_for(lambda trials: trials and all(t.intermediate_values for t in trials))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [t.state for t in sweep.trials()] == [TrialState.RUNNING] * 4

@@ -42,6 +42,18 @@ def sweep(tmp_path, mlflow_uri, experiment):
             study = optuna.load_study(study_name=self.study_name, storage=storage)
             return study.get_trials(deepcopy=False)
 
+        def wait_for(self, ready, timeout: float = 300) -> None:
+            """Poll the study until `ready(trials)`, e.g. once a trial has reported an epoch."""
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                time.sleep(0.1)
+                try:
+                    trials = self.trials()
+                except Exception:  # study not created yet
+                    continue
+                if ready(trials):
+                    return
+
         def runs(self):
             _, runs = runs_of(mlflow_uri, experiment)
             parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]
@@ -137,15 +149,8 @@ def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
     args = sweep.args("hydra.sweeper.n_trials=4", "epochs=6", "lr=interval(0.1, 1.0)")
     proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.1)
-        try:
-            trials = sweep.trials()
-        except Exception:  # study not created yet
-            continue
-        if any(t.number == 1 and t.intermediate_values for t in trials):
-            break  # trial 1 has finished an epoch: kill it mid-trial
+    # Trial 1 has finished an epoch: kill it mid-trial.
+    sweep.wait_for(lambda trials: any(t.number == 1 and t.intermediate_values for t in trials))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [t.state for t in sweep.trials()][:2] == [TrialState.COMPLETE, TrialState.RUNNING]

@@ -68,7 +68,7 @@ class FusedLauncher(Launcher):
                 self._train(group, returns)
         except BaseException as e:  # an interrupt: every run still open ends KILLED
             for job in jobs.values():
-                job.mlrun.__exit__(type(e), e, e.__traceback__)
+                job.mlrun.close(e)
             raise
         return returns
 
@@ -102,7 +102,7 @@ class FusedLauncher(Launcher):
         for k, (_, job) in enumerate(group):
             job.mlrun.set_tags({TAG_GROUP: f"{group_id} ({k + 1} of {len(group)})"})
             members.append(Member(job.net, job.optimizer, job.cfg.epochs, job.cfg.seed,
-                                  job.train_args()["hooks"], job.resume,
+                                  job.hooks(), job.resume,
                                   name=str(job.cfg.trial.name or f"job {group[k][0]}")))  # fmt: skip
         # One copy of the data for the group: load_split hands every job the same tensors.
         log.info("training %d trials as one group on %s", len(group), first.device)
@@ -123,8 +123,8 @@ class FusedLauncher(Launcher):
             ret.status = JobStatus.COMPLETED
         except Exception as e:  # noqa: BLE001 - this member's failure, recorded as its trial's
             job.failed(e)
-            job.mlrun.__exit__(type(e), e, e.__traceback__)
+            job.mlrun.close(e)
             ret.return_value, ret.status = e, JobStatus.FAILED
             return ret
-        job.mlrun.__exit__(None, None, None)
+        job.mlrun.close()
         return ret

@@ -129,7 +129,8 @@ class Job:
         """Everything a trainer takes after (net, optimizer, train split, test split)."""
         cfg = self.cfg
         return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "progress": cfg.progress, "resume": self.resume, "hooks": self.hooks()}  # fmt: skip
+                "progress": cfg.progress, "resume": self.resume, "hooks": self.hooks(),
+                "autocast": config.autocast_dtype(cfg.precision)}  # fmt: skip
 
     def failed(self, error: BaseException) -> None:
         """What a run that diverged records before its run ends FAILED."""

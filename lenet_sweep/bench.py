@@ -124,7 +124,7 @@ def _net(seed: int, device):
     return net, torch.optim.SGD(net.parameters(), lr=LR)
 
 
-def solo(name: str, epochs: int, device, graphed: bool) -> dict:
+def solo(name: str, epochs: int, device, graphed: bool, autocast=None) -> dict:
     from lenet_sweep.fused import train_graphed
     from lenet_sweep.train import train
 
@@ -134,26 +134,27 @@ def solo(name: str, epochs: int, device, graphed: bool) -> dict:
     net, optimizer = _net(42, device)
     trainer = train_graphed if graphed else train
     result = trainer(net, optimizer, train_split, test_split, epochs=epochs, batch_size=BATCH,
-                     seed=42, progress=False)  # fmt: skip
+                     seed=42, progress=False, autocast=autocast)  # fmt: skip
     wall = time.perf_counter() - start
     return _row(name, result.examples_seen, result.train_time_s, wall, 1,
                 result.final["test_acc"], device)  # fmt: skip
 
 
-def fused(k: int, epochs: int, device) -> dict:
+def fused(k: int, epochs: int, device, autocast=None) -> dict:
     from lenet_sweep.fused import Member, train_group
 
     train_split, test_split = _splits(device)
     _reset_peak(device)
     start = time.perf_counter()
     members = [Member(*_net(42 + i, device), epochs=epochs, seed=42 + i) for i in range(k)]
-    train_group(members, train_split, test_split, batch_size=BATCH, graph=True)
+    train_group(members, train_split, test_split, batch_size=BATCH, graph=True, autocast=autocast)
     wall = time.perf_counter() - start
     accs = [m.result.final["test_acc"] for m in members]
     seen = sum(m.result.examples_seen for m in members)
     train_s = members[0].result.train_time_s  # the group's time: every member rode all of it
     note = f"test acc min {min(accs):.4f}; trial-examples/s" if k > 1 else "trial-examples/s"
-    return _row(f"(d) fused K={k}", seen, train_s, wall, k, sum(accs) / k, device, note)
+    name = f"(d) fused K={k}" + (", bf16" if autocast else "")
+    return _row(name, seen, train_s, wall, k, sum(accs) / k, device, note)
 
 
 # --- (e) whole processes -------------------------------------------------------------------------
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10 if default_device == "cuda" else 3)
     parser.add_argument("--fused", default="1,8,16,64" if default_device == "cuda" else "1,4",
                         help="group sizes K, comma-separated")  # fmt: skip
+    parser.add_argument("--bf16", default="64" if default_device == "cuda" else "",
+                        help="group sizes K also run with precision=bf16 (with a (c) row on CUDA)")  # fmt: skip
     parser.add_argument("--no-processes", action="store_true", help="skip the (e) rows")
     parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "bench")
     parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)
@@ -241,8 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         rows.append(_guarded("(c) CUDA-graph trainer", solo, "(c) CUDA-graph trainer",
                              args.epochs, device, True))  # fmt: skip
+        if args.bf16:
+            rows.append(_guarded("(c) CUDA-graph trainer, bf16", solo,
+                                 "(c) CUDA-graph trainer, bf16", args.epochs, device, True,
+                                 torch.bfloat16))  # fmt: skip
     rows += [_guarded(f"(d) fused K={k}", fused, int(k), args.epochs, device)
              for k in args.fused.split(",") if k]  # fmt: skip
+    rows += [_guarded(f"(d) fused K={k}, bf16", fused, int(k), args.epochs, device, torch.bfloat16)
+             for k in args.bf16.split(",") if k]  # fmt: skip
     if not args.no_processes:
         rows += processes(args.epochs, args.device, with_seed=device.type == "cpu")
     name = device_name(device)

@@ -103,6 +103,7 @@ class RunConfig:
     seed: int = knob(42, "an integer, e.g. seed=0")
     device: str = "auto"
     cuda_graph: bool = knob(True, "true or false")
+    precision: str = knob("fp32", "fp32 or bf16", choices=("fp32", "bf16"))
     progress: bool = knob(True, "true or false")
     divergence_threshold: float | None = knob(
         23.0, "null or a finite number > 0, e.g. 23.0", positive=True
@@ -221,6 +222,14 @@ def knob_error(error: BaseException | None, rules: dict[str, Knob]) -> UserError
         error = error.__cause__ or error.__context__
     rule = rules.get(str(error.full_key)) if error is not None else None
     return rule.error(str(error.full_key), error.value) if rule else None
+
+
+def autocast_dtype(precision: str):
+    """`precision` -> the dtype the steps autocast to (None: plain fp32). Weights, optimizer
+    state and the loss stay fp32 either way."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16}[str(precision)]
 
 
 def resolve_device(name: str):

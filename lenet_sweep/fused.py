@@ -34,10 +34,10 @@ from lenet_sweep import signals
 from lenet_sweep.data import Split
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused_optim import FusedOptimizer
-from lenet_sweep.train import EpochHook, TrainResult, TrainState
+from lenet_sweep.train import EpochHook, TrainResult, TrainState, mixed
 
 log = logging.getLogger(__name__)
-WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN picks its kernels)
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and cuDNN settle)
 
 
 @dataclass
@@ -115,8 +115,10 @@ class _Group:
 class _Epoch:
     """One epoch of a group's steps and its evaluation, eager or as two CUDA graphs."""
 
-    def __init__(self, group: _Group, train: Split, test: Split, batch_size: int, graph: bool):
+    def __init__(self, group: _Group, train: Split, test: Split, batch_size: int, graph: bool,
+                 autocast: torch.dtype | None = None):  # fmt: skip
         self.group, self.train, self.test, self.batch_size = group, train, test, batch_size
+        self.autocast = autocast  # forward and backward in this dtype; weights and sums stay fp32
         template = group.template
 
         def loss_and_logits(params, X, y):
@@ -128,15 +130,14 @@ class _Epoch:
                               in_dims=(0, None))  # fmt: skip
         self.graphs = self._capture() if graph else None
 
-    def _train_steps(self, limit: int | None = None) -> None:
+    def _train_steps(self, starts: Sequence[int] | None = None) -> None:
         g, n, B = self.group, len(self.train), self.batch_size
         g.sums[:2].zero_()
-        for i, start in enumerate(range(0, n, B)):
-            if limit is not None and i >= limit:
-                break
+        for start in range(0, n, B) if starts is None else starts:
             idx = g.perm[:, start : start + B]  # (K, b): each member's own batch
             X, y = self.train.images[idx], self.train.labels[idx]
-            grads, (loss, logits) = self.step_fn(g.params, X, y)
+            with mixed(g.perm.device, self.autocast):
+                grads, (loss, logits) = self.step_fn(g.params, X, y)
             g.optim.step(g.params, grads)
             with torch.no_grad():  # sample-weighted sums, as the seed's Accumulator
                 g.sums[0] += loss.detach() * y.shape[1]
@@ -147,15 +148,22 @@ class _Epoch:
         g.sums[2].zero_()
         with torch.no_grad():
             for X, y in self.test.batches(self.batch_size):
-                g.sums[2] += (self.logits_fn(g.params, X).argmax(-1) == y).sum(-1)
+                with mixed(g.perm.device, self.autocast):
+                    logits = self.logits_fn(g.params, X)
+                g.sums[2] += (logits.argmax(-1) == y).sum(-1)
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
         g = self.group
         saved = [t.clone() for t in g.state_tensors()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: allocator and cuDNN settle before capture
-            self._train_steps(limit=WARMUP_STEPS)
+        # Warm-up on every batch shape, the odd last one too: cuDNN picks (or autotunes) its
+        # kernels here, never inside the capture.
+        n, B = len(self.train), self.batch_size
+        last = (n - 1) // B * B
+        starts = sorted({*range(0, min(n, WARMUP_STEPS * B), B), last})
+        with torch.cuda.stream(side):
+            self._train_steps(starts)
             self._evaluate()
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(g.state_tensors(), saved, strict=True):
@@ -184,7 +192,8 @@ class _Epoch:
 
 
 def train_group(members: list[Member], train: Split, test: Split, *, batch_size: int,
-                graph: bool, progress: bool = False) -> list[Member]:  # fmt: skip
+                graph: bool, progress: bool = False,
+                autocast: torch.dtype | None = None) -> list[Member]:  # fmt: skip
     """Train every member to its epochs (or until its hooks stop it); see the module docstring.
     Each member's `state.result` holds its history; `error` what stopped it, if anything."""
     device = train.labels.device
@@ -199,7 +208,7 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
     if not riding:
         return members
     group = _Group.stack(riding, len(train), device)
-    epoch_fn = _Epoch(group, train, test, batch_size, graph)
+    epoch_fn = _Epoch(group, train, test, batch_size, graph, autocast)
     bar = tqdm(total=max(m.epochs for m in riding), desc="epochs", leave=False,
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
     while True:
@@ -216,7 +225,7 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
             break
         if len(active) <= len(group.members) // 2:  # compact: half the work, one recapture
             group = group.compacted(active)
-            epoch_fn = _Epoch(group, train, test, batch_size, graph)
+            epoch_fn = _Epoch(group, train, test, batch_size, graph, autocast)
     bar.close()
     return members
 
@@ -245,11 +254,13 @@ def _end_epoch(group: _Group, k: int, sums: list[float], n: int, n_test: int) ->
 
 def train_graphed(net: nn.Module, optimizer: torch.optim.Optimizer, train: Split, test: Split, *,
                   epochs: int, batch_size: int, seed: int, progress: bool = True,
-                  hooks: Sequence[EpochHook] = (), resume=None) -> TrainResult:  # fmt: skip
+                  hooks: Sequence[EpochHook] = (), resume=None,
+                  autocast: torch.dtype | None = None) -> TrainResult:  # fmt: skip
     """train.train with each epoch one CUDA-graph replay (a group of one): the same numbers,
     hooks and checkpoints, read at epoch boundaries."""
     member = Member(net, optimizer, epochs, seed, hooks, resume)
-    train_group([member], train, test, batch_size=batch_size, graph=True, progress=progress)
+    train_group([member], train, test, batch_size=batch_size, graph=True, progress=progress,
+                autocast=autocast)  # fmt: skip
     if member.error is not None:
         raise member.error
     return member.result

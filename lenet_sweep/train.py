@@ -70,13 +70,21 @@ class TrainState:
 EpochHook = Callable[[TrainState], None]
 
 
-def evaluate_accuracy(net: nn.Module, split: Split, batch_size: int) -> float:
+def mixed(device: torch.device, autocast: torch.dtype | None):
+    """The forward (and so the backward) under autocast to `autocast`; a no-op for None."""
+    return torch.autocast(device.type, autocast, enabled=autocast is not None)
+
+
+def evaluate_accuracy(net: nn.Module, split: Split, batch_size: int,
+                      autocast: torch.dtype | None = None) -> float:  # fmt: skip
     """Test accuracy in eval mode, fixed order, counted on the device and read once."""
     net.eval()
     correct = torch.zeros((), device=split.labels.device)
     with torch.no_grad():
         for X, y in split.batches(batch_size):
-            correct += (net(X).argmax(dim=1) == y).sum()
+            with mixed(X.device, autocast):
+                y_hat = net(X)
+            correct += (y_hat.argmax(dim=1) == y).sum()
     return correct.item() / len(split)
 
 
@@ -97,6 +105,7 @@ def train(
     progress: bool = True,
     hooks: Sequence[EpochHook] = (),
     resume: Checkpoint | None = None,
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """Train `epochs` epochs as train_ch6 does, on the data's device. `resume` goes on after its
     checkpoint's epoch with the same RNG streams, so the result equals an uninterrupted run's."""
@@ -117,8 +126,9 @@ def train(
         start = time.perf_counter()
         for X, y in train_split.batches(batch_size, shuffle):
             optimizer.zero_grad(set_to_none=True)
-            y_hat = net(X)
-            loss = loss_fn(y_hat, y)
+            with mixed(device, autocast):
+                y_hat = net(X)
+                loss = loss_fn(y_hat, y)
             loss.backward()
             optimizer.step()
             with torch.no_grad():  # sample-weighted sums, as the seed's Accumulator
@@ -132,7 +142,7 @@ def train(
         result.examples_seen += n
         bar.close()
         eval_start = time.perf_counter()
-        test_acc = evaluate_accuracy(net, test_split, batch_size)
+        test_acc = evaluate_accuracy(net, test_split, batch_size, autocast)
         result.eval_time_s += time.perf_counter() - eval_start
         # The objective first: MLflow's compare view plots a run's first metric.
         stats = {"epoch": epoch, "test_acc": test_acc, "train_loss": train_loss / n,

@@ -19,6 +19,7 @@ SINGLE = [
     ("data.root=/no/such/dir", "error: data.root=/no/such/dir: no such directory; point data.root at a folder with the four idx files"),
     ("device=tpu", "error: device=tpu: unknown device; allowed: auto, cpu, cuda, cuda:N"),
     ("progress=maybe", "error: progress=maybe: must be true or false"),
+    ("precision=fp16", "error: precision=fp16: must be fp32 or bf16"),
     ("seed=x", "error: seed=x: must be an integer, e.g. seed=0"),
     ("data.train_size=0", "error: data.train_size=0: must be null or an integer from 1 to the split's size"),
     ("no_such_key=1", "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1"),

@@ -79,3 +79,17 @@ def test_graph_trainer_resumes_to_the_uninterrupted_result(make_cfg, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert _close(a["train_loss"], b["train_loss"], 1e-5) and a["test_acc"] == b["test_acc"]
+
+
+def test_bf16_stays_in_the_seeds_band_graphed_or_eager(make_cfg):
+    """precision=bf16: the graph trainer as the bf16 eager loop; both near fp32."""
+    cfg, *splits = _setup(make_cfg, CUDA)
+    fp32 = _run(train_graphed, cfg, splits, CUDA, 10)
+    graphed = _run(train_graphed, cfg, splits, CUDA, 10, autocast=torch.bfloat16)
+    eager = _run(train, cfg, splits, CUDA, 10, autocast=torch.bfloat16)
+    for e, g in zip(eager.history, graphed.history, strict=True):
+        assert _close(e["train_loss"], g["train_loss"], 1e-3), (e, g)
+        assert abs(e["test_acc"] - g["test_acc"]) <= 0.005, (e, g)
+    assert graphed.history != fp32.history  # it did run in bf16
+    assert 0.70 <= graphed.final["test_acc"] <= 0.90
+    assert _close(graphed.final["train_loss"], fp32.final["train_loss"], 0.05)

@@ -60,6 +60,22 @@ def test_each_member_follows_its_run_alone(trial):
     assert not torch.equal(weights[0], weights[1])
 
 
+def test_bf16_members_follow_their_bf16_runs_alone(trial):
+    make, splits = trial
+    members, alone = [], []
+    for lr, seed in [(0.9, 1), (0.3, 2)]:
+        _, net, optimizer = make(lr, seed)
+        members.append(Member(net, optimizer, epochs=2, seed=seed))
+        _, net, optimizer = make(lr, seed)
+        alone.append(train(net, optimizer, *splits, epochs=2, batch_size=256, seed=seed,
+                           progress=False, autocast=torch.bfloat16))  # fmt: skip
+    train_group(members, *splits, batch_size=256, graph=False, autocast=torch.bfloat16)
+    for member, solo in zip(members, alone, strict=True):
+        fused = member.result.history
+        assert math.isclose(fused[0]["train_loss"], solo.history[0]["train_loss"], rel_tol=1e-3)
+        assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
+
+
 def test_a_diverging_member_fails_alone(trial):
     make, splits = trial
     members = []

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from lenet_sweep.data import load_split
@@ -43,3 +45,12 @@ def test_hooks_see_every_epoch(make_cfg):
     seen = []
     _train(make_cfg("epochs=3", "data.train_size=512"), hooks=[lambda s: seen.append(s.epoch)])
     assert seen == [1, 2, 3]
+
+
+def test_bf16_autocast_learns_as_fp32_does(make_cfg):
+    """precision=bf16: the steps under autocast, the weights and the sums still fp32."""
+    cfg = make_cfg("epochs=2", "data.train_size=4000", "data.test_size=1000", "lr=0.5")
+    fp32, bf16 = _train(cfg), _train(cfg, autocast=torch.bfloat16)
+    assert bf16.history != fp32.history  # it did run in bf16
+    assert abs(bf16.final["test_acc"] - fp32.final["test_acc"]) <= 0.03
+    assert math.isclose(bf16.history[0]["train_loss"], fp32.history[0]["train_loss"], rel_tol=0.01)

@@ -43,7 +43,8 @@ def group_key(cfg: DictConfig) -> str:
     optimizer = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items()
                  if k != "lr"}  # fmt: skip
     shared = {"model": cfg.model, "optimizer": optimizer, "data": cfg.data,
-              "batch_size": cfg.batch_size, "device": cfg.device, "cuda_graph": cfg.cuda_graph}  # fmt: skip
+              "batch_size": cfg.batch_size, "device": cfg.device, "cuda_graph": cfg.cuda_graph,
+              "precision": cfg.precision}  # fmt: skip
     return OmegaConf.to_yaml(OmegaConf.create(shared), resolve=True)
 
 
@@ -93,7 +94,7 @@ class FusedLauncher(Launcher):
         return [g[s : s + size] for g in by_key.values() for s in range(0, len(g), size)]
 
     def _train(self, group: list[tuple[int, Any]], returns: list[JobReturn]) -> None:
-        from lenet_sweep import signals
+        from lenet_sweep import config, signals
         from lenet_sweep.fused import Member, train_group
 
         first = group[0][1]
@@ -109,7 +110,8 @@ class FusedLauncher(Launcher):
         with signals.stop_on_signals():
             train_group(members, first.train_split, first.test_split,
                         batch_size=first.cfg.batch_size,
-                        graph=first.cfg.cuda_graph, progress=False)  # fmt: skip
+                        graph=first.cfg.cuda_graph, progress=False,
+                        autocast=config.autocast_dtype(first.cfg.precision))  # fmt: skip
         for (i, job), member in zip(group, members, strict=True):
             returns[i] = self._finished(returns[i], job, member)
 

@@ -180,3 +180,97 @@ def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
     _, children = sweep.runs()
     statuses = sorted((int(r.data.tags["optuna.trial_number"]), r.info.status) for r in children)
     assert statuses == [(i, "KILLED") for i in range(4)] + [(i, "FINISHED") for i in range(4, 8)]
+
+
+@pytest.mark.parametrize(("activation", "pool"), [("sigmoid", "avg"), ("relu", "max")])
+def test_the_written_out_step_is_the_vmapped_one(activation, pool):
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from lenet_sweep.fused import _step_functions
+    from lenet_sweep.models import lenet
+
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        nets.append(lenet(activation, pool))
+    params = {name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
+              for name, _ in nets[0].named_parameters()}  # fmt: skip
+    template = nets[0].to("meta")
+    step, logits = _step_functions(template)
+    assert type(step).__name__ == "StackedStep"
+
+    def loss_and_logits(p, X, y):
+        out = functional_call(template, p, (X,))
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    X, y = torch.randn(3, 8, 1, 28, 28), torch.randint(0, 10, (3, 8))
+    grads, (loss, out) = step(params, X, y)
+    v_grads, (v_loss, v_out) = vmap(grad_and_value(loss_and_logits, has_aux=True))(params, X, y)
+    assert torch.allclose(loss, v_loss, atol=1e-6) and torch.allclose(out, v_out, atol=1e-5)
+    for name in params:
+        assert torch.allclose(grads[name], v_grads[name], rtol=1e-4, atol=1e-6), name
+    shared = torch.randn(5, 1, 28, 28)  # the evaluation: one batch for every member
+    v_logits = vmap(lambda p, X: functional_call(template, p, (X,)), in_dims=(0, None))
+    assert torch.allclose(logits(params, shared), v_logits(params, shared), atol=1e-5)
+
+
+class _TwoLayer(torch.nn.Module):  # not a Sequential: the fused trainer vmaps it
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = torch.nn.Linear(784, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
+def test_any_other_net_trains_fused_through_vmap(trial):
+    _, splits = trial
+    members, alone = [], []
+    for seed in (1, 2):
+        for out in (members, alone):
+            torch.manual_seed(seed)
+            net = _TwoLayer()
+            out.append((net, torch.optim.SGD(net.parameters(), lr=0.1)))
+    members = [
+        Member(net, opt, epochs=2, seed=s) for (net, opt), s in zip(members, (1, 2), strict=True)
+    ]
+    train_group(members, *splits, batch_size=256, graph=False)
+    for member, (net, opt), seed in zip(members, alone, (1, 2), strict=True):
+        solo = train(net, opt, *splits, epochs=2, batch_size=256, seed=seed, progress=False)
+        fused = member.result.history[0]["train_loss"]
+        assert math.isclose(fused, solo.history[0]["train_loss"], rel_tol=1e-4)
+
+
+def test_each_trial_config_is_what_hydra_composes():
+    """The launcher composes once per set of group choices and applies each trial's values:
+    the configs must equal Hydra's own load_sweep_config, hydra node included."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.lenet_sweep_fused.launcher import Composer
+    from lenet_sweep import CONFIG_DIR
+
+    env = "++hydra.job.env_set.LENET_SWEEP_TRIAL"  # as the sweeper sets it
+    trials = [
+        ["lr=0.1", "epochs=3", "trial.number=0", "trial.name='t000 lr=0.1 ep=3'", f"{env}=0"],
+        ["lr=2.5", "epochs=7", "trial.number=1", "trial.name='t001 lr=2.5 ep=7'", f"{env}=1"],
+        ["optimizer=adam", "lr=0.01", "epochs=2", "trial.number=2", "progress=false"],
+        ["optimizer=adam", "lr=0.02", "epochs=4", "trial.number=3", "progress=false"],
+        ["lr=0.3", "epochs=1", "trial.number=4", "trial.name='t004 lr=0.3 ep=1'", f"{env}=4"],
+        ["lr=0.3", "trial.number=5", "+extra=1"],
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config",
+            ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "progress=false"],
+            RunMode.MULTIRUN,
+        )
+        compose = Composer(loader, master)
+        for overrides in trials:
+            expected = loader.load_sweep_config(master, overrides)
+            got = compose(overrides)
+            assert OmegaConf.to_container(got) == OmegaConf.to_container(expected), overrides
+        assert len(compose.composed) == 3  # sgd + 5 values, adam + 4 values, +extra

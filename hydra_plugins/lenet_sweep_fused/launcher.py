@@ -7,6 +7,7 @@ share model, optimizer (but lr), data, batch size and device train as one vmappe
 per trial, as from any launcher; the group's id is a tag on each child run.
 """
 
+import copy
 import logging
 import uuid
 from dataclasses import dataclass
@@ -38,6 +39,48 @@ def _prepare(cfg: DictConfig):
     return Job.prepare(cfg)
 
 
+class Composer:
+    """Each trial's config as Hydra's `load_sweep_config` composes it (0.25 s a trial), but
+    composed in full once per set of config-group choices: a trial that differs only in values
+    (lr=..., epochs=..., trial.*=...) gets a copy of that composition with its values applied by
+    Hydra's own override step, and its own overrides list and override_dirname."""
+
+    def __init__(self, config_loader, master: DictConfig) -> None:
+        self.loader, self.master = config_loader, master
+        self.composed: dict[tuple, DictConfig] = {}
+
+    def _is_value(self, o) -> bool:
+        """key=value or ++key=value on a config value (the sweeper's hydra.job.env_set too),
+        not a group choice, an append or a delete: those change what is composed."""
+        key = o.key_or_group
+        return not (o.package is not None or o.is_add() or o.is_delete() or "/" in key
+                    or key in self.master.hydra.runtime.choices
+                    or self.loader.repository.group_exists(key))  # fmt: skip
+
+    def __call__(self, overrides: list[str]) -> DictConfig:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        master_hydra = OmegaConf.to_container(self.master.hydra.overrides.hydra)
+        parsed = OverridesParser.create().parse_overrides([*master_hydra, *overrides])
+        values = [o for o in parsed if self._is_value(o)]
+        key = (tuple(o.input_line for o in parsed if not self._is_value(o)),
+               tuple(o.key_or_group for o in values))  # fmt: skip
+        if key not in self.composed:  # the first of its kind: composed as Hydra does
+            self.composed[key] = self.loader.load_sweep_config(self.master, list(overrides))
+            return copy.deepcopy(self.composed[key])
+        cfg = copy.deepcopy(self.composed[key])
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        task = [o for o in parsed if not o.is_hydra_override()]
+        dirname = cfg.hydra.job.config.override_dirname
+        cfg.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
+        cfg.hydra.overrides.task = [o.input_line for o in task]
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep,
+            exclude_keys=dirname.exclude_keys)  # fmt: skip
+        return cfg
+
+
 def group_key(cfg: DictConfig) -> str:
     """What members of one group must share: all that shapes the step but lr, epochs and seed."""
     optimizer = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items()
@@ -54,6 +97,7 @@ class FusedLauncher(Launcher):
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
+        self.compose = Composer(hydra_context.config_loader, config)
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         setup_globals()
@@ -74,9 +118,7 @@ class FusedLauncher(Launcher):
         return returns
 
     def _prepared(self, idx: int, overrides) -> JobReturn:
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(
-            self.config, list(overrides)
-        )
+        sweep_config = self.compose(list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx

@@ -7,6 +7,7 @@ mask credentials in everything they write, and end with an explicit status.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -277,7 +278,10 @@ def continuable(uri: str, run_id: str | None, params: dict[str, str]) -> str | N
     return run_id if same and run.info.status != "FINISHED" else None
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The checkout's commit, read once per process: the code a process runs is what it
+    imported (a fused sweep asks once per trial)."""
     try:
         out = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],

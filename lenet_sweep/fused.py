@@ -1,11 +1,13 @@
-"""K trials trained as one vmapped model, and the single run's CUDA-graph trainer (K = 1).
+"""K trials trained as one model, and the single run's CUDA-graph trainer (K = 1).
 
 Each member is a trial with its own net and optimizer (built by models.build: own seed, own
 Xavier init), its own lr, epochs and shuffle stream, and its own per-epoch hooks. Their weights are
-stacked along a leading K axis and one `vmap(grad_and_value(...))` step trains all of them: the
-convolutions become grouped convolutions, one kernel per layer for the whole group. On CUDA each
-epoch's steps (the odd last batch included) are captured once as a CUDA graph and replayed; the
-evaluation is a second graph. lr is a (K,) tensor, so nothing is recaptured for a new lr.
+stacked along a leading K axis and one step trains all of them: the convolutions become grouped
+convolutions, one kernel per layer for the whole group (written out by lenet_sweep.stacked for
+Sequentials, `vmap(grad_and_value(...))` for any other net), optionally under bf16 autocast. On
+CUDA each epoch's steps (the odd last batch included) are captured once as a CUDA graph and
+replayed; the evaluation is a second graph. lr is a (K,) tensor, so nothing is recaptured for a
+new lr.
 
 After each epoch the group reads its metrics once, copies each member's slice back into that
 member's own net and optimizer, and runs the member's hooks on its TrainState, exactly as the eager
@@ -166,8 +168,8 @@ class _Epoch:
         saved = [t.clone() for t in g.state_tensors()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        # Warm-up on every batch shape, the odd last one too: cuDNN picks (or autotunes) its
-        # kernels here, never inside the capture.
+        # Warm-up on every batch shape, the odd last one too: cuDNN picks its kernels for each
+        # shape here (and would autotune them here with cudnn.benchmark), never inside capture.
         n, B = len(self.train), self.batch_size
         last = (n - 1) // B * B
         starts = sorted({*range(0, min(n, WARMUP_STEPS * B), B), last})

@@ -120,3 +120,16 @@ def test_cli_cfg_job_and_help():
     assert proc.returncode == 0
     for group in ("model: lenet, lenet_relu", "optimizer: adam, sgd", "data: fashion_mnist, mnist"):
         assert group in proc.stdout
+
+
+def test_training_curves_show_every_epoch_even_one():
+    from lenet_sweep.figures import curves_figure
+
+    one = curves_figure([{"epoch": 1, "train_loss": 2.3, "train_acc": 0.1, "test_acc": 0.1}])
+    ax = one.axes[0]
+    assert [line.get_marker() for line in ax.get_lines()] == ["o", "o", "o"]  # a point shows
+    assert ax.get_xlim() == (0.5, 1.5)
+    many = curves_figure([{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_acc": 0.5}
+                          for e in (1, 2, 3)])  # fmt: skip
+    assert many.axes[0].get_xlim() == (1, 3)
+    assert [len(line.get_xdata()) for line in many.axes[0].get_lines()] == [3, 3, 3]

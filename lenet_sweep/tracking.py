@@ -251,7 +251,8 @@ def run_params(cfg: DictConfig, choices: Mapping[str, str]) -> dict[str, object]
     """What a researcher sweeps and compares, each once: the knobs, the model and optimizer by
     name with their settings (not `optimizer.lr`, that is `lr`), the data by name with the slice
     sizes used. Bookkeeping (checksums, paths, trial.*) stays in config.yaml and the tags."""
-    params: dict[str, object] = {k: cfg[k] for k in ("lr", "epochs", "batch_size", "seed")}
+    knobs = ("lr", "epochs", "batch_size", "seed", "precision")
+    params: dict[str, object] = {k: cfg[k] for k in knobs}
     for group in ("model", "optimizer"):
         params[group] = choices.get(group) or str(cfg[group]._target_).rsplit(".", 1)[-1].lower()
         settings = {k: v for k, v in cfg[group].items() if not k.startswith("_") and k != "lr"}

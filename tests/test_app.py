@@ -17,7 +17,8 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
     assert run.info.run_name == "lenet sgd lr=0.5 ep=2"  # named from its config
     # the knobs a researcher compares, each once; no bookkeeping
     assert run.data.params == {
-        "lr": "0.5", "epochs": "2", "batch_size": "256", "seed": "42", "model": "lenet",
+        "lr": "0.5", "epochs": "2", "batch_size": "256", "seed": "42", "precision": "fp32",
+        "model": "lenet",
         "model.activation": "sigmoid", "model.pool": "avg", "model.num_classes": "10",
         "optimizer": "sgd", "data": "fashion_mnist", "data.train_size": "2048",
         "data.test_size": "512",

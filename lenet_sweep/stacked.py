@@ -40,10 +40,15 @@ def _conv(name: str, conv: nn.Conv2d) -> Layer:
     return layer
 
 
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
 def _pool(pool: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    plain = isinstance(pool, nn.AvgPool2d) and (pool.kernel_size, pool.stride, pool.padding) in (
-        (2, 2, 0), ((2, 2), (2, 2), 0), ((2, 2), (2, 2), (0, 0)))  # fmt: skip
-    if not plain or pool.ceil_mode or pool.divisor_override:
+    """A 2x2/stride-2 AvgPool2d as reshape+mean; any other pool as itself."""
+    plain = isinstance(pool, nn.AvgPool2d) and not (pool.ceil_mode or pool.divisor_override)
+    if not plain or (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)) != (
+        (2, 2), (2, 2), (0, 0)):  # fmt: skip
         return pool
 
     def mean_pool(x: torch.Tensor) -> torch.Tensor:

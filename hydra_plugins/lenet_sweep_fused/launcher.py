@@ -40,7 +40,8 @@ def _prepare(cfg: DictConfig):
 
 
 class Composer:
-    """Each trial's config as Hydra's `load_sweep_config` composes it (0.25 s a trial), but
+    """Each trial's config as Hydra's `load_sweep_config` composes it (74 ms a trial on 2 cores,
+    10 ms this way), but
     composed in full once per set of config-group choices: a trial that differs only in values
     (lr=..., epochs=..., trial.*=...) gets a copy of that composition with its values applied by
     Hydra's own override step, and its own overrides list and override_dirname."""
@@ -63,8 +64,9 @@ class Composer:
 
         master_hydra = OmegaConf.to_container(self.master.hydra.overrides.hydra)
         parsed = OverridesParser.create().parse_overrides([*master_hydra, *overrides])
-        values = [o for o in parsed if self._is_value(o)]
-        key = (tuple(o.input_line for o in parsed if not self._is_value(o)),
+        is_value = [self._is_value(o) for o in parsed]
+        values = [o for o, v in zip(parsed, is_value, strict=True) if v]
+        key = (tuple(o.input_line for o, v in zip(parsed, is_value, strict=True) if not v),
                tuple(o.key_or_group for o in values))  # fmt: skip
         if key not in self.composed:  # the first of its kind: composed as Hydra does
             self.composed[key] = self.loader.load_sweep_config(self.master, list(overrides))

@@ -85,6 +85,7 @@ class Job:
     optimizer: object
     resume: Checkpoint | None
     mlrun: tracking.TrackedRun
+    recorded: bool = False
 
     @classmethod
     def prepare(cls, cfg: DictConfig) -> Job:
@@ -138,10 +139,18 @@ class Job:
             self.mlrun.log_metrics({"train_loss": error.loss}, step=error.epoch)
             self.mlrun.set_tags({"diverged": "true", "diverged_at_epoch": error.epoch})
 
-    def complete(self, result: TrainResult) -> dict[str, float]:
-        """Record a finished training: totals, curves, the model, the trial's state."""
+    def record(self, result: TrainResult) -> None:
+        """The slow part of completing: totals, curves, the model (the fused launcher does it as
+        a member leaves its group, while the others go on training)."""
         self.mlrun.log_summary(result)
         self.mlrun.log_model(self.net)
+        self.recorded = True
+
+    def complete(self, result: TrainResult) -> dict[str, float]:
+        """Record a finished training (unless `record` did), log its lines, mark the trial's
+        state; the run itself ends when its TrackedRun closes."""
+        if not self.recorded:
+            self.record(result)
         log.info("MLflow run %s: %s", self.mlrun.run_id,
                  tracking_store.ui_link(self.uri, self.experiment_id))  # fmt: skip
         _print_seed_lines(result, self.device)

@@ -10,20 +10,26 @@ replayed; the evaluation is a second graph. lr is a (K,) tensor, so nothing is r
 new lr.
 
 After each epoch the group reads its metrics once, copies each member's slice back into that
-member's own net and optimizer, and runs the member's hooks on its TrainState, exactly as the eager
-loop does: checkpoints, MLflow, divergence and pruning are the same code. A member whose hook
-raises, or that reaches its epochs, leaves the group; the others go on. Members that left keep
-riding along (their results are ignored) until the group has shrunk to half, when it is compacted
-and recaptured: a few captures per sweep instead of one per departure.
+member's own net, optimizer and shuffle stream, launches the next epoch, and only then runs each
+member's hooks on its TrainState, exactly as the eager loop does: checkpoints, MLflow, divergence
+and pruning are the same code. On CUDA the next epoch trains while the host runs the hooks (about
+10 ms a member an epoch, 64 members: most of an epoch's replay) and records the members that
+leave; the hooks read their copies on a side stream, so they never wait for that replay. A member
+whose hook raises, or that reaches its epochs, leaves the group; the others go on. Members that
+left keep riding along (their results are ignored: one pruned by this epoch's hooks rides the
+epoch already launched) until the group has shrunk to half, when it is compacted and recaptured:
+a few captures per sweep instead of one per departure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +83,7 @@ class _Group:
     template: nn.Module  # structure only (meta device), for functional_call
     params: dict[str, torch.Tensor]
     optim: FusedOptimizer
-    shuffles: list[torch.Generator]
+    shuffles: list[torch.Generator]  # the group's own: a member's stream is the copy its hooks see
     perm: torch.Tensor  # (K, n): this epoch's order of each member
     sums: torch.Tensor = field(init=False)  # (3, K): train loss sum, train correct, test correct
 
@@ -92,7 +98,7 @@ class _Group:
                   for name in names}  # fmt: skip
         template = copy.deepcopy(members[0].net).to("meta")
         optim = FusedOptimizer.stack([m.optimizer for m in members], params)
-        shuffles = [m.state.shuffle for m in members]
+        shuffles = [_copy_generator(m.state.shuffle) for m in members]
         perm = torch.zeros(len(members), n, dtype=torch.long, device=device)  # valid for warm-up
         return cls(members, template, params, optim, shuffles, perm)
 
@@ -100,12 +106,14 @@ class _Group:
         return [*self.params.values(), *self.optim.tensors()]
 
     def unstack(self, k: int) -> None:
-        """Member k's slice back into its own net and optimizer (what its hooks see)."""
+        """Member k's slice back into its own net, optimizer and shuffle stream: what its hooks
+        see, and keep seeing while the next epoch trains on the group's tensors."""
         member = self.members[k]
         with torch.no_grad():
             for name, p in member.net.named_parameters():
                 p.copy_(self.params[name][k])
         self.optim.unstack(k, member.optimizer)
+        member.state.shuffle.set_state(self.shuffles[k].get_state())
 
     def compacted(self, keep: list[int]) -> _Group:
         index = torch.tensor(keep, device=self.perm.device)
@@ -113,6 +121,12 @@ class _Group:
         return _Group([self.members[i] for i in keep], self.template, params,
                       self.optim.select(index), [self.shuffles[i] for i in keep],
                       self.perm.index_select(0, index).contiguous())  # fmt: skip
+
+
+def _copy_generator(generator: torch.Generator) -> torch.Generator:
+    copied = torch.Generator(device=generator.device)
+    copied.set_state(generator.get_state())
+    return copied
 
 
 def _step_functions(template: nn.Module):
@@ -186,81 +200,123 @@ class _Epoch:
             self._evaluate()
         return train_graph, eval_graph
 
-    def run(self) -> tuple[list[list[float]], float, float]:
-        """Shuffle, train and evaluate one epoch: the (3, K) sums, read in one host sync, and
-        the seconds spent training and evaluating."""
+    def launch(self) -> None:
+        """Shuffle, train and evaluate one epoch: queued on CUDA (the host goes on meanwhile),
+        done on return on the CPU. `collect` reads the result."""
         g, n, device = self.group, len(self.train), self.group.perm.device
-        start = time.perf_counter()
+        self.marks = [_mark(device)]
         for k, shuffle in enumerate(g.shuffles):  # each member's stream, as the eager loop
             g.perm[k].copy_(torch.randperm(n, device=device, generator=shuffle))
         self.graphs[0].replay() if self.graphs else self._train_steps()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the split between training and evaluation time
-        trained = time.perf_counter()
+        self.marks.append(_mark(device))  # the split between training and evaluation time
         self.graphs[1].replay() if self.graphs else self._evaluate()
-        sums = g.sums.tolist()
-        return sums, trained - start, time.perf_counter() - trained
+        self.marks.append(_mark(device))
+
+    def collect(self) -> tuple[list[list[float]], float, float]:
+        """The launched epoch's (3, K) sums, read in one host sync, and the seconds spent
+        training and evaluating (on CUDA, between events on the stream: the device's time)."""
+        sums = self.group.sums.tolist()
+        start, trained, evaluated = self.marks
+        if isinstance(start, float):
+            return sums, trained - start, evaluated - trained
+        return sums, start.elapsed_time(trained) / 1e3, trained.elapsed_time(evaluated) / 1e3
+
+
+def _mark(device: torch.device):
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def train_group(members: list[Member], train: Split, test: Split, *, batch_size: int,
-                graph: bool, progress: bool = False,
-                autocast: torch.dtype | None = None) -> list[Member]:  # fmt: skip
+                graph: bool, progress: bool = False, autocast: torch.dtype | None = None,
+                on_leave: Callable[[Member], None] | None = None) -> list[Member]:  # fmt: skip
     """Train every member to its epochs (or until its hooks stop it); see the module docstring.
-    Each member's `state.result` holds its history; `error` what stopped it, if anything."""
+    Each member's `state.result` holds its history; `error` what stopped it, if anything.
+    `on_leave(member)` runs as each member leaves during training, after its hooks (on CUDA
+    while the others train): the place for the slow part of recording a finished trial."""
     device = train.labels.device
-    graph = graph and device.type == "cuda"  # CPU: the same steps, eager
+    riding = _start(members, device)
+    if not riding:
+        return members
+    group = _Group.stack(riding, len(train), device)
+    new_epoch = functools.partial(_Epoch, train=train, test=test, batch_size=batch_size,
+                                  graph=graph and device.type == "cuda", autocast=autocast)  # fmt: skip
+    epoch_fn = new_epoch(group)
+    bar = tqdm(total=max(m.epochs for m in riding), desc="epochs", leave=False,
+               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
+    hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    epoch_fn.launch()
+    while epoch_fn is not None:
+        ended = _end_epoch(group, *epoch_fn.collect(), len(train), len(test))
+        bar.update()
+        if hooks_stream is not None:  # the hooks' reads of the copies wait for the copies only
+            hooks_stream.wait_stream(torch.cuda.current_stream(device))
+        # The next epoch of every member that may go on, launched before this epoch's hooks:
+        # on CUDA it trains while they run (a member they stop rides it in vain).
+        active = [k for k, m in enumerate(group.members) if not (m.done or m.error)]
+        if not active:
+            epoch_fn = None
+        elif len(active) <= len(group.members) // 2:  # compact: half the work, one recapture
+            group = group.compacted(active)
+            epoch_fn = new_epoch(group)
+        if epoch_fn is not None:
+            epoch_fn.launch()
+        with torch.cuda.stream(hooks_stream) if hooks_stream else contextlib.nullcontext():
+            for m in ended:
+                _run_hooks(m)
+                if on_leave is not None and (m.done or m.error):
+                    on_leave(m)
+        if hooks_stream is not None:  # the next copies into the members' nets wait for the hooks
+            torch.cuda.current_stream(device).wait_stream(hooks_stream)
+        signals.check()  # Ctrl-C / SIGTERM: stop at the epoch boundary
+    bar.close()
+    return members
+
+
+def _start(members: list[Member], device: torch.device) -> list[Member]:
+    """Each member's TrainState (restored from its checkpoint if resumed); those with epochs
+    left to train."""
     for m in members:
         check_fusable(m.net)
         shuffle = torch.Generator(device=device).manual_seed(m.seed)
         result = m.resume.restore(m.net, m.optimizer, shuffle) if m.resume else TrainResult()
         m.state = TrainState(m.net, m.optimizer, shuffle, result)
         m.done = m.state.epoch >= m.epochs
-    riding = [m for m in members if not m.done]
-    if not riding:
-        return members
-    group = _Group.stack(riding, len(train), device)
-    epoch_fn = _Epoch(group, train, test, batch_size, graph, autocast)
-    bar = tqdm(total=max(m.epochs for m in riding), desc="epochs", leave=False,
-               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
-    while True:
-        signals.check()  # Ctrl-C / SIGTERM: stop at the epoch boundary
-        sums, train_s, eval_s = epoch_fn.run()
-        bar.update()
-        for k, m in enumerate(group.members):
-            if not (m.done or m.error):
-                m.result.train_time_s += train_s  # the group's epoch: each member's wall time
-                m.result.eval_time_s += eval_s
-                _end_epoch(group, k, [row[k] for row in sums], len(train), len(test))
-        active = [k for k, m in enumerate(group.members) if not (m.done or m.error)]
-        if not active:
-            break
-        if len(active) <= len(group.members) // 2:  # compact: half the work, one recapture
-            group = group.compacted(active)
-            epoch_fn = _Epoch(group, train, test, batch_size, graph, autocast)
-    bar.close()
-    return members
+    return [m for m in members if not m.done]
 
 
-def _end_epoch(group: _Group, k: int, sums: list[float], n: int, n_test: int) -> None:
-    """Member k's epoch as the eager loop ends one: stats, log line, its hooks."""
-    m = group.members[k]
-    result = m.state.result
-    result.examples_seen += n
-    loss = sums[0] / n  # NaN/inf stay NaN/inf: the divergence hook reads them
-    stats = {"epoch": m.state.epoch + 1, "test_acc": sums[2] / n_test, "train_loss": loss,
-             "train_acc": sums[1] / n}  # fmt: skip
-    result.history.append(stats)
-    log.info("%sepoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
-             f"{m.name}: " if m.name else "", stats["epoch"], m.epochs, stats["train_loss"],
-             stats["train_acc"], stats["test_acc"])  # fmt: skip
-    group.unstack(k)
+def _end_epoch(group: _Group, sums: list[list[float]], train_s: float, eval_s: float, n: int,
+               n_test: int) -> list[Member]:  # fmt: skip
+    """The epoch of each member that rode it, as the eager loop ends one but for the hooks:
+    stats, log line, its own copy of weights, optimizer and shuffle state. Returns those members."""
+    ended = [(k, m) for k, m in enumerate(group.members) if not (m.done or m.error)]
+    for k, m in ended:
+        result = m.state.result
+        result.train_time_s += train_s  # the group's epoch: each member's time
+        result.eval_time_s += eval_s
+        result.examples_seen += n
+        loss = sums[0][k] / n  # NaN/inf stay NaN/inf: the divergence hook reads them
+        stats = {"epoch": m.state.epoch + 1, "test_acc": sums[2][k] / n_test,
+                 "train_loss": loss, "train_acc": sums[1][k] / n}  # fmt: skip
+        result.history.append(stats)
+        log.info("%sepoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
+                 f"{m.name}: " if m.name else "", stats["epoch"], m.epochs, stats["train_loss"],
+                 stats["train_acc"], stats["test_acc"])  # fmt: skip
+        group.unstack(k)
+        m.done = stats["epoch"] >= m.epochs
+    return [m for _, m in ended]
+
+
+def _run_hooks(m: Member) -> None:
+    """The member's hooks on its epoch; one that raises stops this member only."""
     try:
         for hook in m.hooks:
             hook(m.state)
     except Exception as e:  # noqa: BLE001 - diverged, pruned, a store error: this member only
         m.error = e
-        return
-    m.done = stats["epoch"] >= m.epochs
 
 
 def train_graphed(net: nn.Module, optimizer: torch.optim.Optimizer, train: Split, test: Split, *,

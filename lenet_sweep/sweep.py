@@ -155,10 +155,10 @@ class OptunaSweep:
                                               f"last: {type(e).__name__}: {mask_url(str(e))[:300]}; "
                                               "see the launcher's job logs") from e  # fmt: skip
                         continue
-                    for trial, ret in zip(in_flight, returns, strict=True):
-                        outcome = protocol.job_outcome(ret, self.objectives)
+                    outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
+                    for trial, outcome in zip(in_flight, outcomes, strict=True):
                         states.append(record(study, trial, outcome))
-                        self._log_progress(study, trial, outcome)
+                    self._log_progress(study, in_flight, outcomes)
                     heartbeat.watch([])
                     if self._too_many_failures(study):
                         break
@@ -219,17 +219,22 @@ class OptunaSweep:
         missing = OmegaConf.select(self.config, key, default=_ABSENT) is _ABSENT
         return f"+{key}" if missing else key
 
-    def _log_progress(self, study, trial, outcome: protocol.Outcome) -> None:
-        """One line per finished trial, with the best so far (the Pareto front: several)."""
-        if outcome.state != TrialState.COMPLETE:
+    def _log_progress(self, study, batch: list, outcomes: list[protocol.Outcome]) -> None:
+        """One line per completed trial of a batch, with the best after it (the Pareto front:
+        several); the study read once per batch, not once per trial (64 a fused batch)."""
+        completed = [t for t, o in zip(batch, outcomes, strict=True)
+                     if o.state == TrialState.COMPLETE]  # fmt: skip
+        if not completed:
             return
-        done = study.get_trials(deepcopy=False)[trial.number]
+        trials = study.get_trials(deepcopy=False)
         if len(self.directions) == 1:
             best = study.best_trial
             so_far = f"best so far: trial {best.number}, {values(best, self.objectives)}"
         else:
             so_far = f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}"
-        log.info("trial %d done: %s; %s", trial.number, values(done, self.objectives), so_far)
+        for trial in completed:
+            done = trials[trial.number]
+            log.info("trial %d done: %s; %s", trial.number, values(done, self.objectives), so_far)
 
     def _too_many_failures(self, study: optuna.Study) -> bool:
         """Failures measured against n_trials: once past the rate, the sweep can only end past it."""

@@ -90,6 +90,26 @@ def test_a_diverging_member_fails_alone(trial):
     assert [len(m.result.history) for m in (members[0], members[2])] == [2, 2]
 
 
+def test_a_member_is_handed_over_as_it_leaves_while_the_others_train(trial):
+    make, splits = trial
+    members = []
+    for lr, seed, epochs in [(0.9, 1, 1), (0.5, 2, 3)]:
+        _, net, optimizer = make(lr, seed)
+        members.append(Member(net, optimizer, epochs=epochs, seed=seed))
+    left = []
+
+    def on_leave(member):  # what the other member had done by then, and the leaver's weights
+        left.append((member, len(members[1].result.history), member.net[0].weight.clone()))
+
+    train_group(members, *splits, batch_size=256, graph=False, on_leave=on_leave)
+    assert [(id(m), seen) for m, seen, _ in left] == [(id(members[0]), 1), (id(members[1]), 3)]
+    # The leaver's net holds its own final weights, untouched by the epochs trained after it.
+    assert torch.equal(left[0][2], members[0].net[0].weight)
+    _, net, optimizer = make(0.9, 1)
+    train(net, optimizer, *splits, epochs=1, batch_size=256, seed=1, progress=False)
+    assert torch.allclose(members[0].net[0].weight, net[0].weight, atol=1e-5)
+
+
 def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):
     make, splits = trial
     _, net, optimizer = make(0.9, 5)

@@ -149,19 +149,31 @@ class FusedLauncher(Launcher):
             members.append(Member(job.net, job.optimizer, job.cfg.epochs, job.cfg.seed,
                                   job.hooks(), job.resume,
                                   name=str(job.cfg.trial.name or f"job {group[k][0]}")))  # fmt: skip
+        job_of = {id(m): job for m, (_, job) in zip(members, group, strict=True)}
+
+        def record(member) -> None:  # as it leaves the group: on CUDA while the others train
+            if member.error is None:
+                try:
+                    job_of[id(member)].record(member.result)
+                except Exception as e:  # noqa: BLE001 - a store error fails this member alone
+                    member.error = e
+
         # One copy of the data for the group: load_split hands every job the same tensors.
         log.info("training %d trials as one group on %s", len(group), first.device)
         with signals.stop_on_signals():
             train_group(members, first.train_split, first.test_split,
                         batch_size=first.cfg.batch_size,
                         graph=first.cfg.cuda_graph, progress=False,
-                        autocast=config.autocast_dtype(first.cfg.precision))  # fmt: skip
+                        autocast=config.autocast_dtype(first.cfg.precision),
+                        on_leave=record)  # fmt: skip
         for (i, job), member in zip(group, members, strict=True):
             returns[i] = self._finished(returns[i], job, member)
 
     @staticmethod
     def _finished(ret: JobReturn, job, member) -> JobReturn:
-        """The member's record and JobReturn: metrics, or the error that stopped it alone."""
+        """The member's JobReturn and the end of its run (recorded as it left the group, unless
+        it never rode): metrics, or the error that stopped it alone. The runs end here, after
+        the group: an interrupted group leaves every run KILLED, as its trials FAIL."""
         try:
             if member.error is not None:
                 raise member.error

@@ -56,7 +56,15 @@ def test_fused_member_matches_its_solo_cpu_run(make_cfg):
     for lr, seed in [(0.9, cfg.seed), (0.3, 1), (0.05, 2), (2.0, 3)]:
         other = make_cfg(f"lr={lr}", f"seed={seed}", "data.train_size=null", "data.test_size=null")
         members.append(Member(*build(other, CUDA), epochs=3 if lr != 0.3 else 1, seed=seed))
-    train_group(members, *splits, batch_size=cfg.batch_size, graph=True)
+    handed_over = {}  # each member's weights as it left, read while the others trained on
+
+    def on_leave(member):
+        handed_over[id(member)] = [p.cpu() for p in member.net.parameters()]
+
+    train_group(members, *splits, batch_size=cfg.batch_size, graph=True, on_leave=on_leave)
+    for m in members:  # what on_leave read is the member's final state, not a stale copy
+        assert all(torch.equal(a, b.cpu()) for a, b in
+                   zip(handed_over[id(m)], m.net.parameters(), strict=True))  # fmt: skip
     twin = members[0].result.history
     assert _close(solo.history[0]["train_loss"], twin[0]["train_loss"], 1e-4)
     assert abs(solo.final["test_acc"] - twin[-1]["test_acc"]) <= 0.02

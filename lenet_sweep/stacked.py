@@ -3,12 +3,14 @@
 `vmap` turns each convolution into a grouped one too, but it keeps NCHW, and on a GPU cuDNN then
 loops over the K groups for the input gradient and transposes to NHWC and back around every call.
 Written out, the K members' activations live side by side as channels, (B, K*C, H, W), and
-dense layers are batched matmuls over (K, B, F). (Channels-last made it slower: 0.8 M against
-1.55 M trial-examples/s for 64 members on an H200.) The arithmetic is
+dense layers are batched matmuls over (K, B, F). (On the GPU channels-last made it slower: 0.8 M
+against 1.55 M trial-examples/s for 64 members on an H200; on the CPU it is faster.) The
+arithmetic is
 the members' own: each member's loss is its batch mean and its gradient only its own.
 
 A 2x2/stride-2 average pool runs as a reshape and a mean: the same numbers as AvgPool2d, and
-its backward is a broadcast instead of avg_pool2d's slow backward kernel.
+its backward is a broadcast instead of avg_pool2d's slow backward kernel (on CUDA; channels-last
+activations on the CPU keep AvgPool2d, faster there).
 
 Supported: nn.Sequential of Conv2d (zero padding), Linear, Flatten, elementwise activations and
 2-D pools, i.e. lenet and lenet_relu. Anything else returns None from `compile_sequential`, and
@@ -123,7 +125,11 @@ def grouped_input(X: torch.Tensor, k: int) -> torch.Tensor:
     (B, K*C, H, W) input of the grouped convolutions."""
     if X.dim() == 4:
         X = X.unsqueeze(0).expand(k, *X.shape)
-    return X.transpose(0, 1).reshape(X.shape[1], -1, *X.shape[3:]).contiguous()
+    X = X.transpose(0, 1).reshape(X.shape[1], -1, *X.shape[3:])
+    # The CPU's oneDNN runs the grouped convolutions channels-last 1.6x faster (4 members, 2
+    # cores); cuDNN the other way round (see above).
+    cpu = X.device.type == "cpu"
+    return X.contiguous(memory_format=torch.channels_last if cpu else torch.contiguous_format)
 
 
 class StackedStep:

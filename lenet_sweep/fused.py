@@ -13,12 +13,13 @@ After each epoch the group reads its metrics once, copies each member's slice ba
 member's own net, optimizer and shuffle stream, launches the next epoch, and only then runs each
 member's hooks on its TrainState, exactly as the eager loop does: checkpoints, MLflow, divergence
 and pruning are the same code. On CUDA the next epoch trains while the host runs the hooks (about
-10 ms a member an epoch, 64 members: most of an epoch's replay) and records the members that
-leave; the hooks read their copies on a side stream, so they never wait for that replay. A member
-whose hook raises, or that reaches its epochs, leaves the group; the others go on. Members that
-left keep riding along (their results are ignored: one pruned by this epoch's hooks rides the
-epoch already launched) until the group has shrunk to half, when it is compacted and recaptured:
-a few captures per sweep instead of one per departure.
+10 ms a member an epoch on 2 CPU cores: 0.6 s for 64 members, against 2.2 s of replay on an H200)
+and records the members that leave; the hooks read their copies on a side stream, so they never
+wait for that replay. A member whose hook raises, or that reaches its epochs, leaves the group;
+the others go on. Members that left keep riding along (their results are ignored: one pruned by
+this epoch's hooks rides the epoch already launched) until the group has shrunk to half, when it
+is compacted and recaptured: a few captures per sweep instead of one per departure. A stop
+request (Ctrl-C, SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
         elif len(active) <= len(group.members) // 2:  # compact: half the work, one recapture
             group = group.compacted(active)
             epoch_fn = new_epoch(group)
-        if epoch_fn is not None:
+        if epoch_fn is not None and not signals.pending():  # a stop: this epoch's hooks, no more
             epoch_fn.launch()
         with torch.cuda.stream(hooks_stream) if hooks_stream else contextlib.nullcontext():
             for m in ended:

@@ -33,6 +33,11 @@ def check() -> None:
         raise Terminated(_requested[0])
 
 
+def pending() -> bool:
+    """Whether a stop was requested (for work not worth starting: `check` raises later)."""
+    return bool(_requested)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """Install the flag handlers for SIGINT and SIGTERM (main thread only), restoring the old."""

@@ -3,6 +3,7 @@ read back from Optuna, MLflow and the job dirs."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lenet_sweep import tracking_store
+from lenet_sweep import fused, signals, tracking_store
 from lenet_sweep.checkpoint import Checkpoint
 from lenet_sweep.data import load_split
 from lenet_sweep.fused import Member, train_group
@@ -108,6 +109,33 @@ def test_a_member_is_handed_over_as_it_leaves_while_the_others_train(trial):
     _, net, optimizer = make(0.9, 1)
     train(net, optimizer, *splits, epochs=1, batch_size=256, seed=1, progress=False)
     assert torch.allclose(members[0].net[0].weight, net[0].weight, atol=1e-5)
+
+
+def test_a_stop_request_launches_no_further_epoch(trial, tmp_path, monkeypatch, caplog):
+    """SIGTERM during epoch 1 of 3: epoch 1's hooks run (its checkpoint is written), epoch 2 is
+    never launched, and the group stops with Terminated."""
+    make, splits = trial
+    monkeypatch.setattr(signals, "_requested", [])  # this test's requests only
+    launches = []
+    launch = fused._Epoch.launch
+    monkeypatch.setattr(fused._Epoch, "launch", lambda self: launches.append(1) or launch(self))
+
+    class SignalAfterEpochOne(logging.Handler):  # the signal lands as epoch 1 is read back
+        def emit(self, record):
+            if "epoch 1/3" in record.getMessage():
+                signals._handler(signal.SIGTERM, None)
+
+    logging.getLogger("lenet_sweep.fused").addHandler(handler := SignalAfterEpochOne())
+    _, net, optimizer = make(0.9, 5)
+    path = tmp_path / "checkpoint.pt"
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(signals.Terminated):
+            train_group([Member(net, optimizer, 3, 5, [save_checkpoint(path)])], *splits,
+                        batch_size=256, graph=False)  # fmt: skip
+    finally:
+        logging.getLogger("lenet_sweep.fused").removeHandler(handler)
+    assert len(launches) == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):

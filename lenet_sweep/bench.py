@@ -4,8 +4,10 @@ device, in one process, one table: outputs/bench/<device>.md and .json.
 Rows: (a) the seed's path as d2l writes it (torchvision FashionMNIST + ToTensor + DataLoader with
 4 workers, a host sync per batch), (b) the eager loop, (c) the CUDA-graph trainer (CUDA only),
 (d) K trials fused (lenet_sweep.fused), (e) whole processes: `python -m lenet_sweep` for the
-trial itself, a tiny run (start-up) and `--help`, and, on CPU, the seed's path as a process.
-Targets are ratios against row (a) of the same run; see the README's "Speed" section.
+trial itself, a tiny run (start-up) and `--help`, and, on CPU, the seed's path as a process,
+(f) the K-trial default sweep with `hydra/launcher=fused` (CUDA by default), its wall time split
+into phases read off its log. Targets are ratios against row (a) of the same run, or wall times;
+see the README's "Speed" section.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ from lenet_sweep.data import FILES, _decompressed, _find, load_split
 from lenet_sweep.models import init_xavier, lenet, place
 
 LR, BATCH = 0.9, 256
+SWEEP_TIMEOUT_S = 240
 
 
 def _data_cfg():
@@ -188,6 +193,59 @@ def processes(epochs: int, device: str, with_seed: bool) -> list[dict]:
     return rows
 
 
+# --- (f) a fused sweep ---------------------------------------------------------------------------
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+PHASES = [("start-up", r"Launching \d+ jobs"), ("preparing the jobs", r"trials as one group"),
+          ("training + hooks + records", r"epoch \d+/\d+:"),
+          ("ending the runs", r"sweep \S+: .* trial\(s\) run here")]  # fmt: skip
+
+
+def sweep_phases(lines: list[str], start: float, end: float) -> list[tuple[str, float]]:
+    """(phase, seconds) of a sweep whose process ran from `start` to `end` (epoch seconds), read
+    off its log's timestamps: each phase ends at its mark's first line (training: the last epoch
+    line); `closing` runs from the last mark to the end (results, the parent run's plots)."""
+    found = {}
+    for line in lines:
+        if not (m := STAMP.match(line)):
+            continue
+        t = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for name, pattern in PHASES:
+            if re.search(pattern, line) and (name not in found or name.startswith("training")):
+                found[name] = t
+    out, previous = [], start
+    for name, _ in PHASES:
+        if name in found:
+            out.append((name, found[name] - previous))
+            previous = found[name]
+    return [*out, ("closing", end - previous)]
+
+
+def sweep(k: int, device: str, out: Path, precision: str = "fp32",
+          overrides: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """The K-trial default sweep, fused, as a process on fresh stores (`overrides` after the
+    bench's own); its log kept in `out`."""
+    name = f"(f) {k}-trial fused sweep" + (f", {precision}" if precision != "fp32" else "")
+    log = out / f"sweep{k}-{precision}.log"
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["-m", "lenet_sweep", "-m", "hydra/launcher=fused", f"hydra.sweeper.n_jobs={k}",
+                f"hydra.sweeper.n_trials={k}", "progress=false", f"precision={precision}",
+                f"device={device}", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+                f"hydra.sweep.dir={tmp}/multirun", *overrides]  # fmt: skip
+        start = time.time()
+        with log.open("w") as f:
+            try:  # a hung sweep costs its row, not the table
+                rc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
+                                    cwd=PROJECT_ROOT, timeout=SWEEP_TIMEOUT_S).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = f"killed after {SWEEP_TIMEOUT_S} s"
+        end = time.time()
+    phases = sweep_phases(log.read_text().splitlines(), start, end)
+    note = "; ".join(f"{p} {s:.1f}" for p, s in phases) + ("" if rc == 0 else f"; exit {rc}")
+    return {"row": name, "wall_s": end - start, "note": note}
+
+
 # --- the table -----------------------------------------------------------------------------------
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
@@ -232,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", default="64" if default_device == "cuda" else "",
                         help="group sizes K also run with precision=bf16 (with a (c) row on CUDA)")  # fmt: skip
     parser.add_argument("--no-processes", action="store_true", help="skip the (e) rows")
+    parser.add_argument("--sweep", default="64" if default_device == "cuda" else "",
+                        help="(f) rows: K-trial fused sweeps, comma-separated (in --bf16 too: "
+                             "also with precision=bf16)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "bench")
     parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,6 +315,11 @@ def main(argv: list[str] | None = None) -> None:
              for k in args.bf16.split(",") if k]  # fmt: skip
     if not args.no_processes:
         rows += processes(args.epochs, args.device, with_seed=device.type == "cpu")
+    bf16 = set(args.bf16.split(","))
+    for k in filter(None, args.sweep.split(",")):
+        for precision in ["fp32", "bf16"] if k in bf16 else ["fp32"]:
+            rows.append(_guarded(f"(f) {k}-trial fused sweep", sweep, int(k), args.device,
+                                 args.out, precision))  # fmt: skip
     name = device_name(device)
     text = table(rows, name, rows[0].get("examples_per_s"))
     text += f"\n{args.epochs} epochs per trial, lr {LR}, batch {BATCH}; torch {torch.__version__}; "

@@ -1,0 +1,44 @@
+"""lenet_sweep.bench's parts that need no timing: the sweep log's phases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from lenet_sweep.bench import sweep, sweep_phases
+
+
+def test_sweep_phases_splits_a_sweep_log_at_its_marks():
+    def at(s: str) -> float:
+        return datetime.strptime(f"2026-11-26 08:00:{s}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    lines = [
+        "2026/11/26 08:00:02 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+        "[2026-11-26 08:00:05,000][HYDRA] Launching 64 jobs fused",
+        "[2026-11-26 08:00:12,500][HYDRA] training 64 trials as one group on cuda:0",
+        "[2026-11-26 08:00:13,000][HYDRA] t000 lr=0.1 ep=2: epoch 1/2: train loss 2.3",
+        "[2026-11-26 08:00:40,000][HYDRA] t001 lr=0.2 ep=20: epoch 20/20: train loss 0.4",
+        "[2026-11-26 08:00:41,000][HYDRA] MLflow run 0123: mlflow ui ...",
+        "[2026-11-26 08:00:42,000][HYDRA] sweep lenet_sweep: 64 complete; 64 trial(s) run here in 37s",
+    ]
+    phases = sweep_phases(lines, at("01,000"), at("45,000"))
+    assert [(name, round(s, 3)) for name, s in phases] == [
+        ("start-up", 4.0), ("preparing the jobs", 7.5), ("training + hooks + records", 27.5),
+        ("ending the runs", 2.0), ("closing", 3.0)]  # fmt: skip
+
+
+def test_sweep_phases_of_a_sweep_that_never_launched():
+    phases = sweep_phases(["[2026-11-26 08:00:03,000][HYDRA] error: lr=abc"], 100.0, 104.5)
+    assert phases == [("closing", 4.5)]
+
+
+def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
+    tiny = ("data.train_size=64", "data.test_size=64", "batch_size=32", "epochs=range(1,3)")
+    row = sweep(3, "cpu", tmp_path, overrides=tiny)
+    assert row["row"] == "(f) 3-trial fused sweep"
+    phases = [part.rsplit(" ", 1) for part in row["note"].split("; ")]
+    assert [name for name, _ in phases] == ["start-up", "preparing the jobs",
+                                            "training + hooks + records", "ending the runs",
+                                            "closing"]  # fmt: skip
+    assert abs(sum(float(s) for _, s in phases) - row["wall_s"]) < 0.3  # they fill it
+    log = (tmp_path / "sweep3-fp32.log").read_text()
+    assert "training 3 trials as one group on cpu" in log and "3 complete" in log

@@ -5,8 +5,8 @@ loops over the K groups for the input gradient and transposes to NHWC and back a
 Written out, the K members' activations live side by side as channels, (B, K*C, H, W), and
 dense layers are batched matmuls over (K, B, F). (On the GPU channels-last made it slower: 0.8 M
 against 1.55 M trial-examples/s for 64 members on an H200; on the CPU it is faster.) The
-arithmetic is
-the members' own: each member's loss is its batch mean and its gradient only its own.
+arithmetic is the members' own: each member's loss is its batch mean and its gradient only its
+own.
 
 A 2x2/stride-2 average pool runs as a reshape and a mean: the same numbers as AvgPool2d, and
 its backward is a broadcast instead of avg_pool2d's slow backward kernel (on CUDA; channels-last

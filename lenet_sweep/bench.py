@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
+from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT, optim
 from lenet_sweep.data import FILES, _decompressed, _find, load_split
 from lenet_sweep.models import init_xavier, lenet, place
 
@@ -125,8 +125,8 @@ def _net(seed: int, device):
     torch.manual_seed(seed)
     net = lenet()
     net.apply(init_xavier)
-    place(net, device)  # as models.build places a run's net
-    return net, torch.optim.SGD(net.parameters(), lr=LR)
+    place(net, device)  # as models.build places a run's net and picks its optimizer
+    return net, optim.SGD(net.parameters(), lr=LR)
 
 
 def solo(name: str, epochs: int, device, graphed: bool, autocast=None) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lenet_sweep import optim
 from lenet_sweep.errors import UserError
 
 SUPPORTED = "torch.optim.SGD (dampening 0) or torch.optim.Adam/AdamW (amsgrad off)"
@@ -100,10 +101,10 @@ def _kind_and_hyper(opt: torch.optim.Optimizer) -> tuple[str, dict]:
     group = opt.param_groups[0]
     if len(opt.param_groups) != 1 or group.get("maximize"):
         raise UserError(f"fused training supports {SUPPORTED} with one param group")
-    if isinstance(opt, torch.optim.SGD) and not group["dampening"]:
+    if isinstance(opt, torch.optim.SGD | optim.SGD) and not group["dampening"]:
         return "sgd", {"momentum": group["momentum"], "nesterov": group["nesterov"],
                        "weight_decay": group["weight_decay"]}  # fmt: skip
-    if isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and not group["amsgrad"]:
+    if isinstance(opt, torch.optim.Adam | optim.Adam) and not group["amsgrad"]:
         decoupled = isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay")
         return "adam", {"betas": tuple(group["betas"]), "eps": group["eps"],
                         "weight_decay": group["weight_decay"], "decoupled": bool(decoupled)}  # fmt: skip

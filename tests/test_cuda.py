@@ -4,6 +4,8 @@ H100/H200: ../shared/tools/device-pack), skipped elsewhere."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +104,31 @@ def test_bf16_stays_in_the_seeds_band_graphed_or_eager(make_cfg):
     for run in (graphed, eager):
         assert 0.70 <= run.final["test_acc"] <= 0.90  # the seed's band
         assert _close(run.final["train_loss"], fp32.final["train_loss"], 0.05)
+
+
+def test_a_graphed_run_does_not_import_dynamo():
+    """A run's CUDA path (build, the graph trainer, a checkpoint) leaves torch._dynamo unimported:
+    lenet_sweep.optim steps instead of torch.optim, whose methods import it (seconds of start-up)."""
+    code = """
+import sys
+import torch
+from hydra import compose, initialize_config_dir
+from lenet_sweep import CONFIG_DIR, config
+from lenet_sweep.checkpoint import Checkpoint
+from lenet_sweep.data import load_split
+from lenet_sweep.fused import train_graphed
+from lenet_sweep.models import build
+config.register()
+with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    cfg = compose("config", overrides=["data.train_size=1000", "data.test_size=500"])
+cuda = torch.device("cuda:0")
+net, opt = build(cfg, cuda)
+saved = []
+train_graphed(net, opt, load_split(cfg.data, True, cuda), load_split(cfg.data, False, cuda),
+              epochs=2, batch_size=256, seed=0, progress=False,
+              hooks=[lambda state: saved.append(Checkpoint.capture(state))])
+print(len(saved), "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "False"]

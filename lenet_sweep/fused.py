@@ -43,6 +43,7 @@ from lenet_sweep import signals
 from lenet_sweep.data import Split
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused_optim import FusedOptimizer
+from lenet_sweep.optim import Optimizer
 from lenet_sweep.stacked import StackedStep, compile_sequential
 from lenet_sweep.train import EpochHook, TrainResult, TrainState, mixed
 
@@ -55,7 +56,7 @@ class Member:
     """One trial of a group: its own net/optimizer (built as for a run alone), epochs, hooks."""
 
     net: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     epochs: int
     seed: int
     hooks: Sequence[EpochHook] = ()
@@ -320,7 +321,7 @@ def _run_hooks(m: Member) -> None:
         m.error = e
 
 
-def train_graphed(net: nn.Module, optimizer: torch.optim.Optimizer, train: Split, test: Split, *,
+def train_graphed(net: nn.Module, optimizer: Optimizer, train: Split, test: Split, *,
                   epochs: int, batch_size: int, seed: int, progress: bool = True,
                   hooks: Sequence[EpochHook] = (), resume=None,
                   autocast: torch.dtype | None = None) -> TrainResult:  # fmt: skip

@@ -11,6 +11,7 @@ import torch
 
 from lenet_sweep import optim
 from lenet_sweep.errors import UserError
+from lenet_sweep.optim import Optimizer
 
 SUPPORTED = "torch.optim.SGD (dampening 0) or torch.optim.Adam/AdamW (amsgrad off)"
 
@@ -24,7 +25,7 @@ class FusedOptimizer:
     state: dict[str, dict[str, torch.Tensor]]  # param name -> {buffer name: (K, ...)}
 
     @classmethod
-    def stack(cls, optimizers: list[torch.optim.Optimizer], params: dict) -> FusedOptimizer:
+    def stack(cls, optimizers: list[Optimizer], params: dict) -> FusedOptimizer:
         kind, hyper = _kind_and_hyper(optimizers[0])
         for opt in optimizers[1:]:
             if _kind_and_hyper(opt) != (kind, hyper):
@@ -60,7 +61,7 @@ class FusedOptimizer:
         return FusedOptimizer(self.kind, self.hyper, self.lr.index_select(0, index),
                               self.step_count.index_select(0, index), state)  # fmt: skip
 
-    def unstack(self, k: int, optimizer: torch.optim.Optimizer) -> None:
+    def unstack(self, k: int, optimizer: Optimizer) -> None:
         """Member k's optimizer state into its own torch optimizer (what checkpoints save)."""
         for name, p in zip(self.state, optimizer.param_groups[0]["params"], strict=True):
             s = {b: t[k].clone() for b, t in self.state[name].items()}
@@ -97,7 +98,7 @@ class FusedOptimizer:
             p.sub_(step_size * s["exp_avg"] / denom)
 
 
-def _kind_and_hyper(opt: torch.optim.Optimizer) -> tuple[str, dict]:
+def _kind_and_hyper(opt: Optimizer) -> tuple[str, dict]:
     group = opt.param_groups[0]
     if len(opt.param_groups) != 1 or group.get("maximize"):
         raise UserError(f"fused training supports {SUPPORTED} with one param group")

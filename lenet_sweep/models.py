@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from lenet_sweep.optim import Optimizer, build_optimizer
+
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
@@ -32,12 +34,10 @@ def init_xavier(module: nn.Module) -> None:
         nn.init.xavier_uniform_(module.weight)
 
 
-def build(cfg, device) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(cfg, device) -> tuple[nn.Module, Optimizer]:
     """The configured net, seeded and Xavier-initialised as train_ch6 does, and its optimizer
     (lenet_sweep.optim's where it covers the settings: same numbers, no torch._dynamo import)."""
     from hydra.utils import instantiate
-
-    from lenet_sweep.optim import build_optimizer
 
     torch.manual_seed(cfg.seed)
     net = instantiate(cfg.model)

@@ -22,7 +22,7 @@ _FLAGS_ADAM = {"amsgrad": False, "maximize": False, "foreach": None, "capturable
                "differentiable": False, "fused": None}  # fmt: skip
 
 
-class _OneGroupOptimizer:
+class OneGroupOptimizer:
     """What the training loops, checkpoints and the fused group use of a torch.optim optimizer,
     for one param group: param_groups, state, zero_grad, step, state_dict, load_state_dict."""
 
@@ -81,7 +81,7 @@ def _like(value, param: torch.Tensor):
     return value.to(device=param.device)
 
 
-class SGD(_OneGroupOptimizer):
+class SGD(OneGroupOptimizer):
     """torch.optim.SGD with momentum, dampening, nesterov and weight decay."""
 
     flags = _FLAGS_SGD
@@ -119,7 +119,7 @@ class SGD(_OneGroupOptimizer):
             torch._foreach_add_(params, updates, alpha=-g["lr"])
 
 
-class Adam(_OneGroupOptimizer):
+class Adam(OneGroupOptimizer):
     """torch.optim.Adam (decoupled_weight_decay=True: AdamW), amsgrad off."""
 
     flags = _FLAGS_ADAM
@@ -164,6 +164,8 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True)
 
 
+# What a run's optimizer is: ours, or torch's own for settings ours does not cover.
+Optimizer = torch.optim.Optimizer | OneGroupOptimizer
 OURS = {torch.optim.SGD: SGD, torch.optim.Adam: Adam, torch.optim.AdamW: AdamW}
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from lenet_sweep import signals
 from lenet_sweep.data import Split
+from lenet_sweep.optim import Optimizer
 
 if TYPE_CHECKING:
     from lenet_sweep.checkpoint import Checkpoint
@@ -54,7 +55,7 @@ class TrainState:
     """What a hook sees after an epoch: the model, its optimizer, the shuffle RNG, the metrics."""
 
     net: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     shuffle: torch.Generator
     result: TrainResult
 
@@ -95,7 +96,7 @@ def _sync(device: torch.device) -> None:
 
 def train(
     net: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     train_split: Split,
     test_split: Split,
     *,

@@ -60,6 +60,30 @@ def test_corrupted_file_is_rejected_naming_file_and_checksum(make_cfg, copied_ro
     assert "\n" not in msg
 
 
+def test_gz_files_are_decompressed_once_and_a_damaged_copy_again(make_cfg, copied_root,
+                                                                 tmp_path, monkeypatch):  # fmt: skip
+    """The cache spares each start the decompression; what it serves still has its checksum."""
+    from lenet_sweep import data
+
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    cfg = make_cfg(f"data.root={copied_root}")
+    first = load_split(cfg.data, train=False, device=torch.device("cpu"))
+    name = FILES["test_images"]
+    (images,) = (tmp_path / "cache" / "idx").glob(f"*-{name}")
+    original = gzip.decompress((copied_root / f"{name}.gz").read_bytes())
+    assert images.read_bytes() == original
+    written = images.stat().st_mtime_ns
+    data._load_split.cache_clear()  # a new process, as far as reading goes
+    again = load_split(cfg.data, train=False, device=torch.device("cpu"))
+    assert images.stat().st_mtime_ns == written  # read from the cache, not written again
+    images.write_bytes(original[:-1] + b"x")  # damaged on disk
+    data._load_split.cache_clear()
+    repaired = load_split(cfg.data, train=False, device=torch.device("cpu"))
+    for split in (again, repaired):
+        assert torch.equal(split.images, first.images) and torch.equal(split.labels, first.labels)
+    assert images.read_bytes() == original
+
+
 def test_truncated_gzip_is_rejected(make_cfg, copied_root):
     target = copied_root / "t10k-images-idx3-ubyte.gz"
     target.write_bytes(target.read_bytes()[:5000])

@@ -134,3 +134,31 @@ def test_training_curves_show_every_epoch_even_one():
                           for e in (1, 2, 3)])  # fmt: skip
     assert many.axes[0].get_xlim() == (1, 3)
     assert [len(line.get_xdata()) for line in many.axes[0].get_lines()] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("leave", "rc", "out", "err"),
+    [
+        ("0", 0, "out|atexit ran|", ""),
+        ("3", 3, "out|atexit ran|", ""),
+        ("'no such thing'", 1, "out|atexit ran|", "no such thing\n"),
+        ("None", 0, "out|thread done|atexit ran|", ""),
+    ],  # fmt: skip
+)
+def test_the_cli_leaves_as_sys_exit_would(leave, rc, out, err):
+    """The CLI skips the interpreter's teardown (about 1 s) but not what an exit must do: the exit
+    code, atexit handlers, flushed output; a running non-daemon thread is waited for."""
+    import subprocess
+    import sys
+
+    code = f"""
+import atexit, sys, threading, time
+from lenet_sweep.__main__ import _leave
+atexit.register(lambda: print("atexit ran", end="|"))
+print("out", end="|")
+if {leave!r} == "None":
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", end="|"))).start()
+_leave({leave})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (rc, out, err)

@@ -62,7 +62,7 @@ class FusedOptimizer:
                               self.step_count.index_select(0, index), state)  # fmt: skip
 
     def unstack(self, k: int, optimizer: Optimizer) -> None:
-        """Member k's optimizer state into its own torch optimizer (what checkpoints save)."""
+        """Member k's optimizer state into its own optimizer (what checkpoints save)."""
         for name, p in zip(self.state, optimizer.param_groups[0]["params"], strict=True):
             s = {b: t[k].clone() for b, t in self.state[name].items()}
             if self.kind == "adam":

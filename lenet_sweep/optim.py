@@ -40,6 +40,18 @@ class OneGroupOptimizer:
     def group(self) -> dict:
         return self.param_groups[0]
 
+    def step(self, closure=None):
+        """One update; `closure` (re-evaluates the loss) as torch.optim takes it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.group["params"]:
             if p.grad is None:
@@ -93,7 +105,7 @@ class SGD(OneGroupOptimizer):
                                   "weight_decay": weight_decay, "nesterov": nesterov})  # fmt: skip
 
     @torch.no_grad()
-    def step(self) -> None:
+    def _update(self) -> None:
         g = self.group
         momentum, weight_decay = g["momentum"], g["weight_decay"]
         params, updates = [], []
@@ -132,7 +144,7 @@ class Adam(OneGroupOptimizer):
                                   "decoupled_weight_decay": decoupled_weight_decay})  # fmt: skip
 
     @torch.no_grad()
-    def step(self) -> None:
+    def _update(self) -> None:
         g = self.group
         lr, (beta1, beta2), weight_decay = g["lr"], g["betas"], g["weight_decay"]
         for p in g["params"]:

@@ -120,3 +120,21 @@ print("torch._dynamo" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:3] == ["lenet_sweep.optim SGD", "lenet_sweep.optim Adam",
                                          "False"]  # fmt: skip
+
+
+def test_step_takes_a_closure_as_torch_optim_does():
+    net = _net()
+    opt = optim.SGD(net.parameters(), lr=0.5)
+    X, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(X), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        before = nn.functional.cross_entropy(net(X), y).item()
+    assert opt.step(closure).item() == pytest.approx(before)  # the loss before the update
+    with torch.no_grad():
+        assert nn.functional.cross_entropy(net(X), y).item() < before

@@ -312,26 +312,42 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed_process:  # row (e)'s seed process: the seed's path alone
         print(seed_path(args.epochs, device))
         return
-    rows = [_guarded("(a) seed's path", seed_path, args.epochs, device),
-            _guarded("(b) eager loop", solo, "(b) eager loop", args.epochs, device, False)]  # fmt: skip
+    rows: list[dict] = []
+    for step in _plan(args, device):
+        got = step()
+        rows += got if isinstance(got, list) else [got]
+        text, stem = _write(rows, args, argv, device)  # after every row: a timeout keeps them
+    print(text)
+    print(f"written: {stem}.md, {stem}.json")
+
+
+def _plan(args, device) -> list:
+    """The table's rows in order, each a call that returns its row (or the (e) rows)."""
+    epochs, plan = args.epochs, []
+    plan.append(lambda: _guarded("(a) seed's path", seed_path, epochs, device))
+    plan.append(lambda: _guarded("(b) eager loop", solo, "(b) eager loop", epochs, device, False))
     if device.type == "cuda":
-        rows.append(_guarded("(c) CUDA-graph trainer", solo, "(c) CUDA-graph trainer",
-                             args.epochs, device, True))  # fmt: skip
+        name = "(c) CUDA-graph trainer"
+        plan.append(lambda: _guarded(name, solo, name, epochs, device, True))
         if args.bf16:
-            rows.append(_guarded("(c) CUDA-graph trainer, bf16", solo,
-                                 "(c) CUDA-graph trainer, bf16", args.epochs, device, True,
-                                 torch.bfloat16))  # fmt: skip
-    rows += [_guarded(f"(d) fused K={k}", fused, int(k), args.epochs, device)
-             for k in args.fused.split(",") if k]  # fmt: skip
-    rows += [_guarded(f"(d) fused K={k}, bf16", fused, int(k), args.epochs, device, torch.bfloat16)
-             for k in args.bf16.split(",") if k]  # fmt: skip
+            plan.append(lambda: _guarded(f"{name}, bf16", solo, f"{name}, bf16", epochs, device,
+                                         True, torch.bfloat16))  # fmt: skip
+    for k in filter(None, args.fused.split(",")):
+        plan.append(lambda k=k: _guarded(f"(d) fused K={k}", fused, int(k), epochs, device))
+    for k in filter(None, args.bf16.split(",")):
+        plan.append(lambda k=k: _guarded(f"(d) fused K={k}, bf16", fused, int(k), epochs, device,
+                                         torch.bfloat16))  # fmt: skip
     if not args.no_processes:
-        rows += processes(args.epochs, args.device, with_seed=device.type == "cpu")
+        plan.append(lambda: processes(epochs, args.device, with_seed=device.type == "cpu"))
     bf16 = set(args.bf16.split(","))
     for k in filter(None, args.sweep.split(",")):
         for precision in ["fp32", "bf16"] if k in bf16 else ["fp32"]:
-            rows.append(_guarded(f"(f) {k}-trial fused sweep", sweep, int(k), args.device,
-                                 args.out, precision))  # fmt: skip
+            plan.append(lambda k=k, p=precision: _guarded(f"(f) {k}-trial fused sweep", sweep,
+                                                          int(k), args.device, args.out, p))  # fmt: skip
+    return plan
+
+
+def _write(rows: list[dict], args, argv, device) -> tuple[str, Path]:
     name = device_name(device)
     text = table(rows, name, rows[0].get("examples_per_s"))
     text += f"\n{args.epochs} epochs per trial, lr {LR}, batch {BATCH}; torch {torch.__version__}; "
@@ -342,8 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.out / name.replace(" ", "_").replace("/", "_")
     Path(f"{stem}.md").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
-    print(text)
-    print(f"written: {stem}.md, {stem}.json")
+    return text, stem
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""lenet_sweep.bench's parts that need no timing: the sweep log's phases."""
+"""lenet_sweep.bench's parts that need no timing: the sweep log's phases, the (f) row, the
+table written as the rows come."""
 
 from __future__ import annotations
 
 from datetime import datetime
+
+import pytest
 
 from lenet_sweep.bench import sweep, sweep_phases
 
@@ -42,3 +45,21 @@ def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
     assert abs(sum(float(s) for _, s in phases) - row["wall_s"]) < 0.3  # they fill it
     log = (tmp_path / "sweep3-fp32.log").read_text()
     assert "training 3 trials as one group on cpu" in log and "3 complete" in log
+
+
+def test_the_table_is_written_after_every_row(tmp_path, monkeypatch):
+    """A bench cut short (the device call's time limit) leaves the rows it finished."""
+    import json
+
+    from lenet_sweep import bench
+
+    def cut_short():
+        raise KeyboardInterrupt  # what the time limit's signal amounts to
+
+    first = {"row": "(a) seed's path", "examples_per_s": 1000.0, "wall_s": 1.5}
+    monkeypatch.setattr(bench, "_plan", lambda args, device: [lambda: first, cut_short])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device=cpu", f"--out={tmp_path}"])
+    (md,) = tmp_path.glob("*.md")
+    assert "| (a) seed's path | 1,000 | 1.00 |" in md.read_text()
+    assert json.loads(md.with_suffix(".json").read_text())["rows"] == [first]

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 
@@ -131,7 +132,7 @@ class TrackedRun(Run):
         quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning: we load our own nets
         level, quiet.level = quiet.level, logging.ERROR
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, _own_versions_unchecked():
                 mlflow_pytorch.save_model(net, f"{tmp}/model", serialization_format="pickle",
                                           pip_requirements=[torch_req])  # fmt: skip
                 self.client.log_artifacts(self.run_id, f"{tmp}/model", "model")
@@ -166,6 +167,32 @@ def _mlflow_pytorch():
         if blocked:
             del sys.modules["pytorch_lightning"]
     return mlflow.pytorch
+
+
+_CHECK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _own_versions_unchecked():
+    """Saving a model without MLflow's check of its pip requirements against the installed
+    packages. To map each package to its module the check scans every installed distribution's
+    file list (importlib_metadata.packages_distributions): 0.45-0.6 s of every process that logs
+    a model. The requirements we write are the running torch's and MLflow's own versions, met by
+    construction, so the check could only ever pass. (Held under a lock: launchers record from
+    several threads.)"""
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    with _CHECK_LOCK:
+        check = getattr(environment, name, None)
+        if check is None:  # another MLflow: it keeps its own check
+            yield
+            return
+        setattr(environment, name, lambda requirements: None)
+        try:
+            yield
+        finally:
+            setattr(environment, name, check)
 
 
 class SweepRun(Run):

@@ -61,6 +61,32 @@ def test_each_run_logs_a_model_that_loads_with_its_accuracy(make_cfg, mlflow_uri
     assert evaluate_accuracy(net, test, 256) == metrics["test_acc"] == run.data.metrics["test_acc"]
 
 
+def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
+    mlflow_uri, experiment, monkeypatch
+):
+    from importlib.metadata import version
+
+    from mlflow.utils import environment, requirements_utils
+
+    from lenet_sweep import tracking, tracking_store
+    from lenet_sweep.models import lenet
+
+    # MLflow fills this map (every installed distribution's files, ~0.5 s) on its first check.
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    check = environment.warn_dependency_requirement_mismatches
+    exp = tracking_store.prepare_experiment(mlflow_uri, experiment)
+    with tracking.TrackedRun(mlflow_uri, exp, "model only", {}, None) as run:
+        run.log_model(lenet())
+    assert requirements_utils._MODULES_TO_PACKAGES is None  # the scan never ran
+    assert environment.warn_dependency_requirement_mismatches is check  # MLflow's own, restored
+    path = tracking_store.client(mlflow_uri).download_artifacts(
+        run.run_id, "model/requirements.txt"
+    )
+    with open(path) as f:
+        pins = f.read().split()
+    assert pins == [f"mlflow=={version('mlflow')}", f"torch=={version('torch')}"]
+
+
 def test_run_that_raises_ends_failed(make_cfg, mlflow_uri, experiment, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")

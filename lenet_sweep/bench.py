@@ -291,7 +291,7 @@ def _guarded(name: str, fn, *args) -> dict:
         return {"row": name, "note": f"failed: {type(e).__name__}: {e}"[:300]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(prog="python -m lenet_sweep.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -305,9 +305,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", default="64" if default_device == "cuda" else "",
                         help="(f) rows: K-trial fused sweeps, comma-separated (in --bf16 too: "
                              "also with precision=bf16)")  # fmt: skip
+    parser.add_argument("--sweep-bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="the (f) sweeps of sizes in --bf16 also in bf16")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "bench")
     parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if args.seed_process:  # row (e)'s seed process: the seed's path alone
         print(seed_path(args.epochs, device))
@@ -339,7 +345,7 @@ def _plan(args, device) -> list:
                                          torch.bfloat16))  # fmt: skip
     if not args.no_processes:
         plan.append(lambda: processes(epochs, args.device, with_seed=device.type == "cpu"))
-    bf16 = set(args.bf16.split(","))
+    bf16 = set(args.bf16.split(",")) if args.sweep_bf16 else set()
     for k in filter(None, args.sweep.split(",")):
         for precision in ["fp32", "bf16"] if k in bf16 else ["fp32"]:
             plan.append(lambda k=k, p=precision: _guarded(f"(f) {k}-trial fused sweep", sweep,

@@ -63,3 +63,22 @@ def test_the_table_is_written_after_every_row(tmp_path, monkeypatch):
     (md,) = tmp_path.glob("*.md")
     assert "| (a) seed's path | 1,000 | 1.00 |" in md.read_text()
     assert json.loads(md.with_suffix(".json").read_text())["rows"] == [first]
+
+
+def test_the_bf16_sweep_rows_can_be_left_out(monkeypatch):
+    """scripts/device-check's bench fits the device call: its 64-trial sweep in fp32 only."""
+    import torch
+
+    from lenet_sweep import bench
+
+    made = []
+    for name in ("seed_path", "solo", "fused", "sweep"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name: made.append((name, *a[-1:])) or {})
+    for extra, sweeps in [([], ["fp32", "bf16"]), (["--no-sweep-bf16"], ["fp32"])]:
+        made.clear()
+        args = bench.parse_args(["--device=cpu", "--fused=", "--bf16=2", "--sweep=2",
+                                 "--no-processes", *extra])  # fmt: skip
+        for step in bench._plan(args, torch.device("cpu")):
+            step()
+        assert [m[-1] for m in made if m[0] == "sweep"] == sweeps
+        assert ("fused", torch.bfloat16) in made  # the (d) bf16 row stays either way

@@ -172,7 +172,18 @@ def _timed(args: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, proc.returncode
 
 
-def processes(epochs: int, device: str, with_seed: bool) -> list[dict]:
+def _median_timed(args: list[str], repeats: int) -> tuple[float, int, str]:
+    """The median wall time of `repeats` runs (a shared machine's noise shows as outliers)."""
+    runs = sorted(_timed(args) for _ in range(repeats))
+    wall, rc = runs[len(runs) // 2]
+    note = (
+        f"median of {repeats} (min {runs[0][0]:.2f}, max {runs[-1][0]:.2f})" if repeats > 1 else ""
+    )
+    return wall, max(r for _, r in runs), note
+
+
+def processes(epochs: int, device: str, with_seed: bool, repeats: int = 3) -> list[dict]:
+    """The (e) rows; start-up (`--help`, the tiny run) as the median of `repeats` runs."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/run",
@@ -180,16 +191,16 @@ def processes(epochs: int, device: str, with_seed: bool) -> list[dict]:
         tiny = ["-m", "lenet_sweep", *common, "data.train_size=256", "data.test_size=256",
                 "epochs=1", "device=cpu"]  # fmt: skip
         _timed(tiny)  # creates the MLflow store: a one-off, not start-up
-        for name, args in [
-            ("(e) `--help`", ["-m", "lenet_sweep", "--help"]),
-            ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny),
+        for name, args, n in [
+            ("(e) `--help`", ["-m", "lenet_sweep", "--help"], repeats),
+            ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny, repeats),
             (f"(e) `python -m lenet_sweep lr=0.9 epochs={epochs}`",
-             ["-m", "lenet_sweep", *common, f"epochs={epochs}", f"device={device}"]),
+             ["-m", "lenet_sweep", *common, f"epochs={epochs}", f"device={device}"], 1),
         ] + ([(f"(e) the seed's path as a process, {epochs} epochs",
                ["-m", "lenet_sweep.bench", "--seed-process", f"--epochs={epochs}",
-                f"--device={device}"])] if with_seed else []):  # fmt: skip
-            wall, rc = _timed(args)
-            rows.append({"row": name, "wall_s": wall, "note": "" if rc == 0 else f"exit {rc}"})
+                f"--device={device}"], 1)] if with_seed else []):  # fmt: skip
+            wall, rc, note = _median_timed(args, n)
+            rows.append({"row": name, "wall_s": wall, "note": note if rc == 0 else f"exit {rc}"})
     return rows
 
 
@@ -302,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", default="64" if default_device == "cuda" else "",
                         help="group sizes K also run with precision=bf16 (with a (c) row on CUDA)")  # fmt: skip
     parser.add_argument("--no-processes", action="store_true", help="skip the (e) rows")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="(e): `--help` and the tiny run timed as the median of this many")  # fmt: skip
     parser.add_argument("--sweep", default="64" if default_device == "cuda" else "",
                         help="(f) rows: K-trial fused sweeps, comma-separated (in --bf16 too: "
                              "also with precision=bf16)")  # fmt: skip
@@ -344,7 +357,7 @@ def _plan(args, device) -> list:
         plan.append(lambda k=k: _guarded(f"(d) fused K={k}, bf16", fused, int(k), epochs, device,
                                          torch.bfloat16))  # fmt: skip
     if not args.no_processes:
-        plan.append(lambda: processes(epochs, args.device, with_seed=device.type == "cpu"))
+        plan.append(lambda: processes(epochs, args.device, device.type == "cpu", args.repeats))
     bf16 = set(args.bf16.split(",")) if args.sweep_bf16 else set()
     for k in filter(None, args.sweep.split(",")):
         for precision in ["fp32", "bf16"] if k in bf16 else ["fp32"]:

@@ -82,3 +82,14 @@ def test_the_bf16_sweep_rows_can_be_left_out(monkeypatch):
             step()
         assert [m[-1] for m in made if m[0] == "sweep"] == sweeps
         assert ("fused", torch.bfloat16) in made  # the (d) bf16 row stays either way
+
+
+def test_start_up_rows_are_the_median_of_repeated_runs():
+    from lenet_sweep import bench
+
+    wall, rc, note = bench._median_timed(["-c", "pass"], 3)
+    low, high = (
+        float(x) for x in note.removeprefix("median of 3 (min ").rstrip(")").split(", max ")
+    )
+    assert rc == 0 and low <= round(wall, 2) <= high
+    assert bench._median_timed(["-c", "raise SystemExit(3)"], 1)[1:] == (3, "")

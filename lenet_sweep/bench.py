@@ -175,11 +175,11 @@ def _timed(args: list[str]) -> tuple[float, int]:
 def _median_timed(args: list[str], repeats: int) -> tuple[float, int, str]:
     """The median wall time of `repeats` runs (a shared machine's noise shows as outliers)."""
     runs = sorted(_timed(args) for _ in range(repeats))
-    wall, rc = runs[len(runs) // 2]
+    wall = runs[len(runs) // 2][0]
     note = (
         f"median of {repeats} (min {runs[0][0]:.2f}, max {runs[-1][0]:.2f})" if repeats > 1 else ""
     )
-    return wall, max(r for _, r in runs), note
+    return wall, next((code for _, code in runs if code), 0), note  # any failure shows
 
 
 def processes(epochs: int, device: str, with_seed: bool, repeats: int = 3) -> list[dict]:

@@ -172,6 +172,18 @@ def _timed(args: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, proc.returncode
 
 
+def _make_stores(mlflow_uri: str, optuna_url: str | None = None) -> None:
+    """The stores' tables (and the experiment), as a run or sweep before this one would have
+    left them: making them is a one-off (1.4 s on 2 cores), not start-up."""
+    from lenet_sweep import tracking_store
+
+    tracking_store.prepare_experiment(mlflow_uri, "lenet_sweep")
+    if optuna_url:
+        import optuna
+
+        optuna.storages.RDBStorage(optuna_url)
+
+
 def _median_timed(args: list[str], repeats: int) -> tuple[float, int, str]:
     """The median wall time of `repeats` runs (a shared machine's noise shows as outliers)."""
     runs = sorted(_timed(args) for _ in range(repeats))
@@ -190,7 +202,7 @@ def processes(epochs: int, device: str, with_seed: bool, repeats: int = 3) -> li
                   "progress=false"]  # fmt: skip
         tiny = ["-m", "lenet_sweep", *common, "data.train_size=256", "data.test_size=256",
                 "epochs=1", "device=cpu"]  # fmt: skip
-        _timed(tiny)  # creates the MLflow store: a one-off, not start-up
+        _make_stores(f"sqlite:///{tmp}/mlflow.db")
         for name, args, n in [
             ("(e) `--help`", ["-m", "lenet_sweep", "--help"], repeats),
             ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny, repeats),
@@ -231,21 +243,10 @@ def sweep_phases(lines: list[str], start: float, end: float) -> list[tuple[str, 
     return [*out, ("closing", end - previous)]
 
 
-def _make_stores(mlflow_uri: str, optuna_url: str) -> None:
-    """Both stores' tables (and the experiment), as a sweep before this one would have left them."""
-    import optuna
-
-    from lenet_sweep import tracking_store
-
-    tracking_store.prepare_experiment(mlflow_uri, "lenet_sweep")
-    optuna.storages.RDBStorage(optuna_url)
-
-
 def sweep(k: int, device: str, out: Path, precision: str = "fp32",
           overrides: tuple[str, ...] = ()) -> dict:  # fmt: skip
-    """The K-trial default sweep, fused, as a process on new stores made beforehand (as the
-    tiny run's: making them is a one-off, 1.4 s on 2 cores), `overrides` after the bench's own;
-    its log kept in `out`."""
+    """The K-trial default sweep, fused, as a process on new stores made beforehand (as for
+    the other processes), `overrides` after the bench's own; its log kept in `out`."""
     name = f"(f) {k}-trial fused sweep" + (f", {precision}" if precision != "fp32" else "")
     log = out / f"sweep{k}-{precision}.log"
     out.mkdir(parents=True, exist_ok=True)

@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 def _plan(args, device) -> list:
     """The table's rows in order, each a call that returns its row (or the (e) rows)."""
     epochs, plan = args.epochs, []
+    # (a) first: as the book runs, before our trainers raise malloc's thresholds (host_memory).
     plan.append(lambda: _guarded("(a) seed's path", seed_path, epochs, device))
     plan.append(lambda: _guarded("(b) eager loop", solo, "(b) eager loop", epochs, device, False))
     if device.type == "cuda":

@@ -1,5 +1,9 @@
 """`python -m lenet_sweep [overrides]`: the Hydra entry point."""
 
+from lenet_sweep import startup_gc
+
+startup_gc.slow_down()  # before the imports below and the ones a run makes: see startup_gc
+
 import atexit
 import contextlib
 import logging

@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from tqdm import tqdm
 
-from lenet_sweep import host_memory, signals
+from lenet_sweep import host_memory, signals, startup_gc
 from lenet_sweep.data import Split
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused_optim import FusedOptimizer
@@ -239,6 +239,7 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
     Each member's `state.result` holds its history; `error` what stopped it, if anything.
     `on_leave(member)` runs as each member leaves during training, after its hooks (on CUDA
     while the others train): the place for the slow part of recording a finished trial."""
+    startup_gc.started()
     device = train.labels.device
     if device.type == "cpu":
         host_memory.keep_freed_memory()  # or each step pages its ~75 MB (K=4) in anew

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lenet_sweep import host_memory, signals
+from lenet_sweep import host_memory, signals, startup_gc
 from lenet_sweep.data import Split
 from lenet_sweep.optim import Optimizer
 
@@ -110,6 +110,7 @@ def train(
 ) -> TrainResult:
     """Train `epochs` epochs as train_ch6 does, on the data's device. `resume` goes on after its
     checkpoint's epoch with the same RNG streams, so the result equals an uninterrupted run's."""
+    startup_gc.started()
     device = train_split.labels.device
     if device.type == "cpu":
         host_memory.keep_freed_memory()  # or larger steps page their memory in anew each time

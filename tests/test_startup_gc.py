@@ -1,0 +1,56 @@
+"""The command line's start-up runs the cyclic collector at a slower pace; training restores it."""
+
+import subprocess
+import sys
+
+# Imports what a run imports, counting the collector's full (generation 2) collections, then
+# trains (eager or a fused group) on 64 random examples; prints the full collections during the
+# imports, then the thresholds and the number of frozen objects after training starts.
+PROGRAM = """
+import gc, sys
+full = [0]
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2
+                    and full.__setitem__(0, full[0] + 1))
+if sys.argv[1] == "user":
+    gc.set_threshold(100_000, 10, 10)
+if sys.argv[1] != "plain":
+    import lenet_sweep.__main__  # the command line's module: slows the pace on import
+import torch, mlflow, mlflow.store.tracking.sqlalchemy_store, matplotlib.figure
+print(full[0], *gc.get_threshold())
+from lenet_sweep.data import Split
+from lenet_sweep.models import lenet
+from lenet_sweep.optim import SGD
+split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+net = lenet()
+if sys.argv[1] == "fused":
+    from lenet_sweep.fused import Member, train_group
+    train_group([Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0)], split, split,
+                batch_size=32, graph=False)
+else:
+    from lenet_sweep.train import train
+    train(net, SGD(net.parameters(), lr=0.1), split, split, epochs=1, batch_size=32, seed=0,
+          progress=False)
+print(*gc.get_threshold(), gc.get_freeze_count())
+"""
+
+
+def _run(mode: str) -> tuple[list[int], list[int]]:
+    proc = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imports, trained = proc.stdout.splitlines()[-2:]
+    return [int(x) for x in imports.split()], [int(x) for x in trained.split()]
+
+
+def test_start_up_makes_no_full_collection_and_training_restores_the_pace():
+    (full, *pace), _ = _run("plain")
+    assert full >= 3 and pace == [700, 10, 10]  # Python's default pace walks the heap repeatedly
+    for trainer in ("eager", "fused"):
+        (full, *pace), (*after, frozen) = _run(trainer)
+        assert full == 0 and pace == [50_000, 20, 100], trainer
+        assert after == [700, 10, 10] and frozen > 100_000, trainer  # the start-up heap
+
+
+def test_a_users_slower_pace_is_left_alone():
+    (_, *pace), (*after, frozen) = _run("user")
+    assert pace == after == [100_000, 10, 10] and frozen == 0

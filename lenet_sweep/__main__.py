@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors, tracking_store
+from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors, painter, tracking_store
 from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
 
@@ -33,6 +33,7 @@ config.register()
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, float]:
     """Train once (or once per trial under -m); returns the final metrics (the objectives)."""
+    painter.start()  # matplotlib imports in the helper while torch and MLflow import here
     from lenet_sweep.app import run  # here, not at import: `--help` needs no torch
     from lenet_sweep.hooks import Diverged
 

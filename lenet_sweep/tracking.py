@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig
 
-from lenet_sweep import PROJECT_ROOT, protocol
-from lenet_sweep.figures import curves_figure, log_study_plots
+from lenet_sweep import PROJECT_ROOT, painter, protocol
+from lenet_sweep.figures import log_study_plots
 from lenet_sweep.tracking_store import HOST, TAG_HOST, TAG_PID, client
 from lenet_sweep.urls import mask_url
 
@@ -149,7 +149,12 @@ class TrackedRun(Run):
             }
         )
         if result.history:
-            self.log_figure(curves_figure(result.history), "training_curves.png")
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "training_curves.png")
+                painter.draw_curves(result.history, path)
+                self.client.log_artifact(self.run_id, path)
 
 
 def _mlflow_pytorch():

@@ -1,0 +1,77 @@
+"""The training-curves PNG drawn by the helper process: the same bytes, in-process when it can't."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HISTORY = [{"epoch": e, "test_acc": 0.5 + e / 10, "train_loss": 1 / e, "train_acc": 0.4 + e / 10}
+           for e in (1, 2, 3)]  # fmt: skip
+
+# Draws the curves with the helper, then (helper gone, as `mode` says) in this process; prints
+# whether matplotlib was imported here after each, and the helper's pid.
+PROGRAM = f"""
+import os, sys, time
+from lenet_sweep import painter
+painter.start()
+pid = painter._helper.pid
+painter.draw_curves({HISTORY!r}, sys.argv[1] + "/helper.png")
+print("helper", "matplotlib" in sys.modules, pid, flush=True)
+if sys.argv[2] == "killed":
+    os.kill(pid, 9)
+    painter._helper.wait()
+elif sys.argv[2] == "stopped":
+    painter.stop()
+elif sys.argv[2] == "wait":
+    time.sleep(60)
+painter.draw_curves({HISTORY!r}, sys.argv[1] + "/here.png")
+print("here", "matplotlib" in sys.modules, flush=True)
+"""
+
+
+def _run(tmp_path, mode: str) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, "-c", PROGRAM, str(tmp_path), mode],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [line.split() for line in proc.stdout.splitlines()]
+
+
+def _gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_helper_draws_the_same_png_and_a_run_without_it_draws_its_own(tmp_path):
+    (_, helper_imported, pid), (_, here_imported) = _run(tmp_path, "stopped")
+    assert helper_imported == "False" and here_imported == "True"  # drawn elsewhere, then here
+    helper_png, here_png = (
+        (tmp_path / "helper.png").read_bytes(),
+        (tmp_path / "here.png").read_bytes(),
+    )
+    assert helper_png.startswith(b"\x89PNG") and helper_png == here_png
+    assert _gone(int(pid))
+
+
+def test_a_helper_that_died_leaves_the_run_drawing_in_process(tmp_path):
+    (_, _, pid), (_, here_imported) = _run(tmp_path, "killed")
+    assert here_imported == "True"
+    assert (tmp_path / "here.png").read_bytes() == (tmp_path / "helper.png").read_bytes()
+
+
+def test_the_helper_leaves_with_its_run_however_it_ends(tmp_path):
+    (_, _, pid), _ = _run(tmp_path, "exit")  # an ordinary exit stops it (atexit)
+    assert _gone(int(pid), within_s=0.5)
+    proc = subprocess.Popen([sys.executable, "-c", PROGRAM, str(tmp_path), "wait"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pid = int(proc.stdout.readline().split()[2])
+    proc.send_signal(signal.SIGKILL)  # no atexit: the helper sees its stdin close
+    proc.wait()
+    proc.stdout.close()
+    assert _gone(pid)

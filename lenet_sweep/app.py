@@ -142,8 +142,7 @@ class Job:
     def record(self, result: TrainResult) -> None:
         """The slow part of completing: totals, curves, the model (the fused launcher does it as
         a member leaves its group, while the others go on training)."""
-        self.mlrun.log_summary(result)
-        self.mlrun.log_model(self.net)
+        self.mlrun.log_record(result, self.net)
         self.recorded = True
 
     def complete(self, result: TrainResult) -> dict[str, float]:
@@ -210,8 +209,7 @@ def _epoch_hooks(cfg, job: HydraJob, mlrun: tracking.TrackedRun, link: TrialLink
 
         def end_pruned(state) -> None:  # a pruned trial is a normal end, marked by its tag
             mlrun.set_tags({protocol.TAG_TRIAL_STATE: "PRUNED", "pruned_at_epoch": state.epoch})
-            mlrun.log_summary(state.result)
-            mlrun.log_model(state.net)
+            mlrun.log_record(state.result, state.net)
             mlrun.end("FINISHED")
 
         epoch_hooks.append(hooks.prune(link, end_pruned))

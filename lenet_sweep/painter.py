@@ -1,13 +1,15 @@
-"""A run's training-curves PNG, drawn by a helper process started as the run's task starts.
+"""A run's training-curves PNG, drawn by a helper process started as the run's task starts
+(or as the fused launcher starts its trials).
 
 Why: importing matplotlib (0.25 s on 2 cores) and drawing (0.05 s) were the last 0.3 s of every
 run, on the same core that had just spent 2.5 s importing torch and MLflow one module after the
-other. The helper is its own interpreter (not a fork of a process that may hold threads and CUDA),
+other; and a fused sweep drew 64 figures one after the other between its trials' model writes.
+The helper is its own interpreter (not a fork of a process that may hold threads and CUDA),
 started before those imports: it imports matplotlib and draws a first figure on another core
-meanwhile, then draws each PNG it is asked for. It runs the same code (`figures.curves_figure`,
-saved as MLflow's `log_figure` saves), so the PNG is the same bytes either way; anything wrong
-with it (not started, gone, an error, no answer) and the PNG is drawn in the run's own process as
-before.
+meanwhile, then draws each PNG it is asked for while the run writes its totals and model
+(`drawing`). It runs the same code (`figures.curves_figure`, saved as MLflow's `log_figure`
+saves), so the PNG is the same bytes either way; anything wrong with it (not started, gone, an
+error, no answer) and the PNG is drawn in the run's own process as before.
 
 The protocol, one line each way: a JSON request `{"history": [...], "path": ...}` on the helper's
 stdin; `ok` or the error on its stdout. The helper has its own session (a Ctrl-C in the terminal
@@ -72,26 +74,40 @@ def _end(helper: subprocess.Popen) -> None:
     helper.stdout.close()
 
 
-def draw_curves(history: list[dict], path: str) -> None:
-    """Write the training-curves PNG of `history` to `path`."""
+@contextlib.contextmanager
+def drawing(history: list[dict], path: str):
+    """The training-curves PNG of `history` written to `path` while the block runs (by the
+    helper; if it cannot, here after the block): on disk when the block has ended normally."""
     global _helper
-    with _lock:
-        if _helper is not None:
-            if _ask(_helper, {"history": history, "path": str(path)}):
-                return
-            _end(_helper)
-            _helper = None
-    from lenet_sweep.figures import curves_figure
+    with _lock:  # held through the block: one request in flight, its answer read before the next
+        helper = _helper if _helper is not None and _send(_helper, history, path) else None
+        try:
+            yield
+        finally:
+            drawn = helper is not None and _answered(helper)
+            if helper is not None and not drawn:
+                _end(helper)
+                _helper = None
+    if not drawn:
+        from lenet_sweep.figures import curves_figure
 
-    curves_figure(history).savefig(path)
+        curves_figure(history).savefig(path)
 
 
-def _ask(helper: subprocess.Popen, request: dict) -> bool:
-    """Send one request and wait for its answer; False on anything but `ok`."""
+def _send(helper: subprocess.Popen, history: list[dict], path: str) -> bool:
     try:
-        helper.stdin.write(json.dumps(request).encode() + b"\n")
+        helper.stdin.write(json.dumps({"history": history, "path": str(path)}).encode() + b"\n")
         helper.stdin.flush()
-        answer = b""
+        return True
+    except (OSError, ValueError) as e:
+        log.debug("curves helper: %s; drawing in-process", e)
+        return False
+
+
+def _answered(helper: subprocess.Popen) -> bool:
+    """Wait for the answer to the request in flight; False on anything but `ok`."""
+    answer = b""
+    try:
         while not answer.endswith(b"\n"):
             ready, _, _ = select.select([helper.stdout], [], [], ANSWER_TIMEOUT_S)
             chunk = os.read(helper.stdout.fileno(), 4096) if ready else b""

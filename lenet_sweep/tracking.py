@@ -139,22 +139,24 @@ class TrackedRun(Run):
         finally:
             quiet.level = level
 
-    def log_summary(self, result) -> None:
-        """The run's totals and its training curves (a TrainResult)."""
-        self.log_metrics(
-            {
-                "examples_per_sec": result.examples_per_sec,
-                "train_time_s": result.train_time_s,
-                "epochs_run": len(result.history),
-            }
-        )
-        if result.history:
-            import tempfile
+    def log_record(self, result, net) -> None:
+        """What a run leaves besides its epochs: the totals, the training curves and the model
+        (a TrainResult and its net). The curves are drawn elsewhere (lenet_sweep.painter) while
+        the totals and the model are written."""
+        import tempfile
 
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "training_curves.png")
-                painter.draw_curves(result.history, path)
-                self.client.log_artifact(self.run_id, path)
+        totals = {"examples_per_sec": result.examples_per_sec,
+                  "train_time_s": result.train_time_s, "epochs_run": len(result.history)}  # fmt: skip
+        if not result.history:
+            self.log_metrics(totals)
+            self.log_model(net)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "training_curves.png")
+            with painter.drawing(result.history, path):
+                self.log_metrics(totals)
+                self.log_model(net)
+            self.client.log_artifact(self.run_id, path)
 
 
 def _mlflow_pytorch():

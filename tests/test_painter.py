@@ -16,7 +16,8 @@ import os, sys, time
 from lenet_sweep import painter
 painter.start()
 pid = painter._helper.pid
-painter.draw_curves({HISTORY!r}, sys.argv[1] + "/helper.png")
+with painter.drawing({HISTORY!r}, sys.argv[1] + "/helper.png"):
+    pass
 print("helper", "matplotlib" in sys.modules, pid, flush=True)
 if sys.argv[2] == "killed":
     os.kill(pid, 9)
@@ -25,7 +26,8 @@ elif sys.argv[2] == "stopped":
     painter.stop()
 elif sys.argv[2] == "wait":
     time.sleep(60)
-painter.draw_curves({HISTORY!r}, sys.argv[1] + "/here.png")
+with painter.drawing({HISTORY!r}, sys.argv[1] + "/here.png"):
+    pass
 print("here", "matplotlib" in sys.modules, flush=True)
 """
 
@@ -75,3 +77,35 @@ def test_the_helper_leaves_with_its_run_however_it_ends(tmp_path):
     proc.wait()
     proc.stdout.close()
     assert _gone(pid)
+
+
+# The block runs while the helper draws: the PNG appears before the block ends. A block that
+# raises leaves no PNG drawn here and the helper in step for the next request.
+OVERLAP = f"""
+import os, sys, time
+from lenet_sweep import painter
+painter.start()
+path = sys.argv[1] + "/{{}}.png"
+with painter.drawing({HISTORY!r}, path.format("during")):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path.format("during")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("seen in the block", os.path.exists(path.format("during")))
+try:
+    with painter.drawing({HISTORY!r}, path.format("failed")):
+        raise RuntimeError("the model write failed")
+except RuntimeError:
+    pass
+with painter.drawing({HISTORY!r}, path.format("after")):
+    pass
+print("after", painter._helper is not None, "matplotlib" in sys.modules)
+"""
+
+
+def test_the_curves_are_drawn_while_the_run_writes_and_a_failed_block_keeps_the_helper(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", OVERLAP, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["seen in the block True", "after True False"]
+    during, after = (tmp_path / "during.png").read_bytes(), (tmp_path / "after.png").read_bytes()
+    assert during == after and during.startswith(b"\x89PNG")

@@ -114,6 +114,9 @@ class FusedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs fused", len(job_overrides))
+        from lenet_sweep import painter
+
+        painter.start()  # the trials' curves drawn beside the process that records them
         returns = [self._prepared(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
         jobs = {
             i: r._return_value for i, r in enumerate(returns) if r.status == JobStatus.COMPLETED

@@ -34,7 +34,7 @@ from lenet_sweep import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT_S = 60.0  # its first answer may wait for matplotlib's font cache being built
-_lock = threading.Lock()  # one request at a time (the fused launcher records from a thread)
+_lock = threading.Lock()  # one request in flight, whichever thread records
 _helper: subprocess.Popen | None = None
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 
-START_UP_PACE = (50_000, 20, 100)  # young collections 70x rarer, full ones ~10,000x
+START_UP_PACE = (50_000, 20, 100)  # young collections 70x rarer, full ones ~1,400x
 
 _paused_from: tuple[int, ...] | None = None
 

@@ -80,7 +80,10 @@ def drawing(history: list[dict], path: str):
     helper; if it cannot, here after the block): on disk when the block has ended normally."""
     global _helper
     with _lock:  # held through the block: one request in flight, its answer read before the next
-        helper = _helper if _helper is not None and _send(_helper, history, path) else None
+        helper = _helper
+        if helper is not None and not _send(helper, history, path):
+            _end(helper)
+            helper = _helper = None
         try:
             yield
         finally:

@@ -1,4 +1,4 @@
-"""Python's cyclic garbage collector, paused in pace while a process starts.
+"""Python's cyclic garbage collector at a slower pace while a process starts.
 
 Why: starting a run imports about 3,500 modules (torch, MLflow and its SQL store, pandas through
 MLflow, Hydra, matplotlib) and builds about half a million objects that live until the process
@@ -8,7 +8,8 @@ and 7 full ones, ~0.7-0.9 s of a 4.3 s tiny run on 2 cores, and none of it finds
 having. So the command line slows the pace before its first import, and the first training step
 puts it back: the heap built so far is frozen (moved out of the collector's sight: modules,
 classes and configs that live to the end anyway) and the default pace resumes, so later
-collections walk only what the run itself makes.
+collections walk only what the run itself makes. The price: garbage in reference cycles made
+before the first step (once per process) is not collected until the process exits.
 
 Collection is slowed, not switched off: a sweep's parent that only waits on its launcher's workers
 (submitit, Ray) never trains and keeps the slower pace, still collecting. Whatever pace the process

@@ -1,5 +1,7 @@
 """The seed's LeNet, the Xavier init train_ch6 applies, and the configured net + optimizer."""
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -53,3 +55,28 @@ def place(net: nn.Module, device) -> nn.Module:
     if device.type == "cpu":
         net.to(memory_format=torch.channels_last)
     return net
+
+
+@contextlib.contextmanager
+def channels_last_gradients():
+    """While training on the CPU: the gradient a Flatten hands back to a channels-last block
+    (`place`) is made channels-last too. Flatten's backward returns it in plain NCHW order, so
+    the pool's backward mixes layouts and the convolution's backward copies the gradient twice:
+    0.5 ms of an 11 ms step on 2 cores, with bit-identical numbers. A process-wide hook for the
+    duration, not one on the net: a net's own hooks are pickled with it (a logged model)."""
+
+    def before_flatten(module, args):
+        x = args[0] if args else None
+        if (isinstance(module, nn.Flatten) and isinstance(x, torch.Tensor) and x.requires_grad
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+            x.register_hook(_channels_last)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(before_flatten)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _channels_last(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)

@@ -6,6 +6,7 @@ Everything that happens between epochs (MLflow, checkpoints, divergence, pruning
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from lenet_sweep import host_memory, signals, startup_gc
 from lenet_sweep.data import Split
+from lenet_sweep.models import channels_last_gradients
 from lenet_sweep.optim import Optimizer
 
 if TYPE_CHECKING:
@@ -119,41 +121,43 @@ def train(
     result = resume.restore(net, optimizer, shuffle) if resume else TrainResult()
     state = TrainState(net, optimizer, shuffle, result)
     n, num_batches = len(train_split), train_split.num_batches(batch_size)
-    for epoch in range(state.epoch + 1, epochs + 1):
-        net.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        # A bar on a terminal only: piped output (CI, cluster logs) gets the epoch lines alone.
-        bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{epochs}", leave=False,
-                   disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
-        _sync(device)
-        start = time.perf_counter()
-        for X, y in train_split.batches(batch_size, shuffle):
-            optimizer.zero_grad(set_to_none=True)
-            with mixed(device, autocast):
-                y_hat = net(X)
-                loss = loss_fn(y_hat, y)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # sample-weighted sums, as the seed's Accumulator
-                loss_sum += loss.detach() * y.shape[0]
-                correct += (y_hat.argmax(dim=1) == y).sum()
-            bar.update()
-            signals.check()  # Ctrl-C / SIGTERM: stop between batches
-        # The epoch's one host sync: both sums read together.
-        train_loss, train_correct = torch.stack([loss_sum, correct]).tolist()
-        result.train_time_s += time.perf_counter() - start
-        result.examples_seen += n
-        bar.close()
-        eval_start = time.perf_counter()
-        test_acc = evaluate_accuracy(net, test_split, batch_size, autocast)
-        result.eval_time_s += time.perf_counter() - eval_start
-        # The objective first: MLflow's compare view plots a run's first metric.
-        stats = {"epoch": epoch, "test_acc": test_acc, "train_loss": train_loss / n,
-                 "train_acc": train_correct / n}  # fmt: skip
-        result.history.append(stats)
-        log.info("epoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
-                 epoch, epochs, stats["train_loss"], stats["train_acc"], test_acc)  # fmt: skip
-        for hook in hooks:
-            hook(state)
+    # On the CPU, Flatten hands its gradient back channels-last (see channels_last_gradients).
+    with channels_last_gradients() if device.type == "cpu" else contextlib.nullcontext():
+        for epoch in range(state.epoch + 1, epochs + 1):
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            # A bar on a terminal only: piped output (CI, cluster logs) gets the epoch lines alone.
+            bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{epochs}", leave=False,
+                       disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
+            _sync(device)
+            start = time.perf_counter()
+            for X, y in train_split.batches(batch_size, shuffle):
+                optimizer.zero_grad(set_to_none=True)
+                with mixed(device, autocast):
+                    y_hat = net(X)
+                    loss = loss_fn(y_hat, y)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # sample-weighted sums, as the seed's Accumulator
+                    loss_sum += loss.detach() * y.shape[0]
+                    correct += (y_hat.argmax(dim=1) == y).sum()
+                bar.update()
+                signals.check()  # Ctrl-C / SIGTERM: stop between batches
+            # The epoch's one host sync: both sums read together.
+            train_loss, train_correct = torch.stack([loss_sum, correct]).tolist()
+            result.train_time_s += time.perf_counter() - start
+            result.examples_seen += n
+            bar.close()
+            eval_start = time.perf_counter()
+            test_acc = evaluate_accuracy(net, test_split, batch_size, autocast)
+            result.eval_time_s += time.perf_counter() - eval_start
+            # The objective first: MLflow's compare view plots a run's first metric.
+            stats = {"epoch": epoch, "test_acc": test_acc, "train_loss": train_loss / n,
+                     "train_acc": train_correct / n}  # fmt: skip
+            result.history.append(stats)
+            log.info("epoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
+                     epoch, epochs, stats["train_loss"], stats["train_acc"], test_acc)  # fmt: skip
+            for hook in hooks:
+                hook(state)
     return result

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import torch
@@ -54,3 +55,37 @@ def test_bf16_autocast_learns_as_fp32_does(make_cfg):
     assert bf16.history != fp32.history  # it did run in bf16
     assert abs(bf16.final["test_acc"] - fp32.final["test_acc"]) <= 0.03
     assert math.isclose(bf16.history[0]["train_loss"], fp32.history[0]["train_loss"], rel_tol=0.01)
+
+
+def test_cpu_training_hands_channels_last_gradients_back_through_flatten(make_cfg):
+    """The same numbers as without the layout fix (bit for bit); the pool before the Flatten
+    gets its gradient channels-last while training; the net keeps no hook of it."""
+    import pickle
+
+    from lenet_sweep import train as train_module
+
+    cfg = make_cfg("epochs=1", "data.train_size=1024", "data.test_size=256")
+    seen = []
+
+    def spy(module, args):  # a Flatten's own pre-hook runs after the process-wide one
+        if args[0].requires_grad:
+            args[0].register_hook(lambda g: seen.append(g.is_contiguous(
+                memory_format=torch.channels_last)))  # fmt: skip
+
+    device = torch.device("cpu")
+    splits = [load_split(cfg.data, train=t, device=device) for t in (True, False)]
+    net, opt = build(cfg, device)
+    flatten = next(m for m in net if isinstance(m, torch.nn.Flatten))
+    spy_handle = flatten.register_forward_pre_hook(spy)
+    fixed = train(net, opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
+    spy_handle.remove()
+    assert seen and all(seen)
+    assert not flatten._forward_pre_hooks and pickle.loads(pickle.dumps(net)) is not None
+
+    original = train_module.channels_last_gradients
+    train_module.channels_last_gradients = contextlib.nullcontext
+    try:
+        plain = _train(cfg, epochs=1, batch_size=256, seed=0)
+    finally:
+        train_module.channels_last_gradients = original
+    assert fixed.history == plain.history  # bit for bit

@@ -69,7 +69,7 @@ def channels_last_gradients():
         x = args[0] if args else None
         if (isinstance(module, nn.Flatten) and isinstance(x, torch.Tensor) and x.requires_grad
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
-            x.register_hook(_channels_last)
+            x.register_hook(to_channels_last)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(before_flatten)
     try:
@@ -78,5 +78,5 @@ def channels_last_gradients():
         handle.remove()
 
 
-def _channels_last(grad: torch.Tensor) -> torch.Tensor:
+def to_channels_last(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last)

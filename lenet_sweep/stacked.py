@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lenet_sweep.models import to_channels_last
+
 ELEMENTWISE = (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Identity)
 POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 Params = dict[str, torch.Tensor]
@@ -65,7 +67,14 @@ def _pool(pool: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, K*C, H, W) -> (K, B, C*H*W): each member's features in its own C, H, W order."""
+    """(B, K*C, H, W) -> (K, B, C*H*W): each member's features in its own C, H, W order. On the
+    CPU the gradient goes back channels-last, as `models.channels_last_gradients` says why."""
+    if (
+        x.requires_grad
+        and x.device.type == "cpu"
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        x.register_hook(to_channels_last)
     return x.reshape(x.shape[0], k, -1).transpose(0, 1)
 
 

@@ -262,6 +262,26 @@ def test_the_written_out_step_is_the_vmapped_one(activation, pool):
     assert torch.allclose(logits(params, shared), v_logits(params, shared), atol=1e-5)
 
 
+def test_the_written_out_steps_channels_last_gradient_changes_no_number(monkeypatch):
+    """On the CPU the Flatten's gradient goes back channels-last (faster); the same bits."""
+    from lenet_sweep import stacked
+    from lenet_sweep.fused import _step_functions
+    from lenet_sweep.models import lenet
+
+    torch.manual_seed(0)
+    nets = [lenet() for _ in range(2)]
+    params = {name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
+              for name, _ in nets[0].named_parameters()}  # fmt: skip
+    step, _ = _step_functions(nets[0].to("meta"))
+    X, y = torch.randn(2, 16, 1, 28, 28), torch.randint(0, 10, (2, 16))
+    seen = []
+    fixed = step(params, X, y)[0]
+    monkeypatch.setattr(stacked, "to_channels_last", lambda g: seen.append(g.is_contiguous()) or g)
+    plain = step(params, X, y)[0]
+    assert seen == [True]  # left alone, the gradient comes back in NCHW order
+    assert all(torch.equal(fixed[name], plain[name]) for name in params)
+
+
 class _TwoLayer(torch.nn.Module):  # not a Sequential: the fused trainer vmaps it
     def __init__(self):
         super().__init__()

@@ -39,13 +39,13 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from tqdm import tqdm
 
-from lenet_sweep import host_memory, signals, startup_gc
+from lenet_sweep import signals
 from lenet_sweep.data import Split
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused_optim import FusedOptimizer
 from lenet_sweep.optim import Optimizer
 from lenet_sweep.stacked import StackedStep, compile_sequential
-from lenet_sweep.train import EpochHook, TrainResult, TrainState, mixed
+from lenet_sweep.train import EpochHook, TrainResult, TrainState, mixed, training_begins
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and cuDNN settle)
@@ -239,10 +239,8 @@ def train_group(members: list[Member], train: Split, test: Split, *, batch_size:
     Each member's `state.result` holds its history; `error` what stopped it, if anything.
     `on_leave(member)` runs as each member leaves during training, after its hooks (on CUDA
     while the others train): the place for the slow part of recording a finished trial."""
-    startup_gc.started()
     device = train.labels.device
-    if device.type == "cpu":
-        host_memory.keep_freed_memory()  # or each step pages its ~75 MB (K=4) in anew
+    training_begins(device)  # on the CPU each step would page its ~75 MB (K=4) in anew
     riding = _start(members, device)
     if not riding:
         return members

@@ -147,16 +147,14 @@ class TrackedRun(Run):
 
         totals = {"examples_per_sec": result.examples_per_sec,
                   "train_time_s": result.train_time_s, "epochs_run": len(result.history)}  # fmt: skip
-        if not result.history:
-            self.log_metrics(totals)
-            self.log_model(net)
-            return
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "training_curves.png")
-            with painter.drawing(result.history, path):
+            curves = painter.drawing(result.history, path) if result.history else None
+            with curves or contextlib.nullcontext():
                 self.log_metrics(totals)
                 self.log_model(net)
-            self.client.log_artifact(self.run_id, path)
+            if curves is not None:
+                self.client.log_artifact(self.run_id, path)
 
 
 def _mlflow_pytorch():

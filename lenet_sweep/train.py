@@ -91,6 +91,14 @@ def evaluate_accuracy(net: nn.Module, split: Split, batch_size: int,
     return correct.item() / len(split)
 
 
+def training_begins(device: torch.device) -> None:
+    """What the process settles once training starts (either trainer): the collector back at its
+    pace (startup_gc) and, on the CPU, the memory a step frees kept for the next (host_memory)."""
+    startup_gc.started()
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()  # or larger steps page their memory in anew each time
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,10 +120,8 @@ def train(
 ) -> TrainResult:
     """Train `epochs` epochs as train_ch6 does, on the data's device. `resume` goes on after its
     checkpoint's epoch with the same RNG streams, so the result equals an uninterrupted run's."""
-    startup_gc.started()
     device = train_split.labels.device
-    if device.type == "cpu":
-        host_memory.keep_freed_memory()  # or larger steps page their memory in anew each time
+    training_begins(device)
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator(device=device).manual_seed(seed)
     result = resume.restore(net, optimizer, shuffle) if resume else TrainResult()

@@ -186,34 +186,61 @@ def _make_stores(mlflow_uri: str, optuna_url: str | None = None) -> None:
 
 def _median_timed(args: list[str], repeats: int) -> tuple[float, int, str]:
     """The median wall time of `repeats` runs (a shared machine's noise shows as outliers)."""
-    runs = sorted(_timed(args) for _ in range(repeats))
-    wall = runs[len(runs) // 2][0]
+    return _median([_timed(args) for _ in range(repeats)])
+
+
+def _median(runs: list[tuple[float, int]]) -> tuple[float, int, str]:
+    """(median wall time, the first failure's exit status or 0, a note with min and max)."""
+    walls = sorted(wall for wall, _ in runs)
     note = (
-        f"median of {repeats} (min {runs[0][0]:.2f}, max {runs[-1][0]:.2f})" if repeats > 1 else ""
+        f"median of {len(walls)} (min {walls[0]:.2f}, max {walls[-1]:.2f})"
+        if len(walls) > 1
+        else ""
     )
-    return wall, next((code for _, code in runs if code), 0), note  # any failure shows
+    return walls[len(walls) // 2], next((code for _, code in runs if code), 0), note
+
+
+def _paired(ours: tuple[str, list[str]], seed: tuple[str, list[str]], repeats: int) -> list[dict]:
+    """Our process and the seed's, alternated `repeats` times so that the shared machine's slow
+    spells fall on both: each row is its median, and our row's note the median of the pairs'
+    ratios (single pairs read 2.21-2.61x on one afternoon)."""
+    pairs = [(_timed(ours[1]), _timed(seed[1])) for _ in range(repeats)]
+    rows = [_e_row(ours[0], *_median([p[0] for p in pairs])),
+            _e_row(seed[0], *_median([p[1] for p in pairs]))]  # fmt: skip
+    if all(code == 0 for pair in pairs for _, code in pair):
+        ratios = sorted(seed_run[0] / our_run[0] for our_run, seed_run in pairs)
+        spread = f" (min {ratios[0]:.2f}, max {ratios[-1]:.2f})" if repeats > 1 else ""
+        rows[0]["note"] += f"; {ratios[len(ratios) // 2]:.2f}x the seed's process{spread}"
+    return rows
 
 
 def processes(epochs: int, device: str, with_seed: bool, repeats: int = 3) -> list[dict]:
-    """The (e) rows; start-up (`--help`, the tiny run) as the median of `repeats` runs."""
+    """The (e) rows: start-up (`--help`, the tiny run) as the median of `repeats` runs; on the
+    CPU the run and the seed's process alternated `repeats` times (`_paired`)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/run",
                   "progress=false"]  # fmt: skip
         tiny = ["-m", "lenet_sweep", *common, "data.train_size=256", "data.test_size=256",
                 "epochs=1", "device=cpu"]  # fmt: skip
+        run = ["-m", "lenet_sweep", *common, f"epochs={epochs}", f"device={device}"]
         _make_stores(f"sqlite:///{tmp}/mlflow.db")
-        for name, args, n in [
-            ("(e) `--help`", ["-m", "lenet_sweep", "--help"], repeats),
-            ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny, repeats),
-            (f"(e) `python -m lenet_sweep lr=0.9 epochs={epochs}`",
-             ["-m", "lenet_sweep", *common, f"epochs={epochs}", f"device={device}"], 1),
-        ] + ([(f"(e) the seed's path as a process, {epochs} epochs",
-               ["-m", "lenet_sweep.bench", "--seed-process", f"--epochs={epochs}",
-                f"--device={device}"], 1)] if with_seed else []):  # fmt: skip
-            wall, rc, note = _median_timed(args, n)
-            rows.append({"row": name, "wall_s": wall, "note": note if rc == 0 else f"exit {rc}"})
+        for name, args in [("(e) `--help`", ["-m", "lenet_sweep", "--help"]),
+                           ("(e) tiny run: 256 examples, 1 epoch, CPU", tiny)]:  # fmt: skip
+            rows.append(_e_row(name, *_median_timed(args, repeats)))
+        name = f"(e) `python -m lenet_sweep lr=0.9 epochs={epochs}`"
+        if not with_seed:
+            rows.append(_e_row(name, *_median_timed(run, 1)))
+        else:
+            seed = ["-m", "lenet_sweep.bench", "--seed-process", f"--epochs={epochs}",
+                    f"--device={device}"]  # fmt: skip
+            seed_name = f"(e) the seed's path as a process, {epochs} epochs"
+            rows += _paired((name, run), (seed_name, seed), repeats)
     return rows
+
+
+def _e_row(name: str, wall: float, rc: int, note: str) -> dict:
+    return {"row": name, "wall_s": wall, "note": note if rc == 0 else f"exit {rc}"}
 
 
 # --- (f) a fused sweep ---------------------------------------------------------------------------
@@ -315,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="group sizes K also run with precision=bf16 (with a (c) row on CUDA)")  # fmt: skip
     parser.add_argument("--no-processes", action="store_true", help="skip the (e) rows")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="(e): `--help` and the tiny run timed as the median of this many")  # fmt: skip
+                        help="(e): `--help`, the tiny run and, on the CPU, the run and the seed's "
+                             "process (alternated) timed as the median of this many")  # fmt: skip
     parser.add_argument("--sweep", default="64" if default_device == "cuda" else "",
                         help="(f) rows: K-trial fused sweeps, comma-separated (in --bf16 too: "
                              "also with precision=bf16)")  # fmt: skip

@@ -93,3 +93,25 @@ def test_start_up_rows_are_the_median_of_repeated_runs():
     )
     assert rc == 0 and low <= round(wall, 2) <= high
     assert bench._median_timed(["-c", "raise SystemExit(3)"], 1)[1:] == (3, "")
+
+
+def test_the_cpu_run_and_the_seed_process_are_timed_in_alternated_pairs(monkeypatch):
+    from lenet_sweep import bench
+
+    calls, timed = [], bench._timed
+    ours, seed = ["-c", "pass"], ["-c", "import time; time.sleep(0.4)"]
+    monkeypatch.setattr(bench, "_timed", lambda args: calls.append(args) or timed(args))
+    run_row, seed_row = bench._paired(("run", ours), ("seed", seed), 3)
+    assert calls == [ours, seed] * 3  # alternated, not three of one then three of the other
+    assert seed_row["wall_s"] > run_row["wall_s"] and seed_row["note"].startswith("median of 3")
+    ratio, spread = run_row["note"].split("; ")[1].split("x the seed's process ")
+    low, high = (float(x) for x in spread.removeprefix("(min ").rstrip(")").split(", max "))
+    assert 1 < low <= float(ratio) <= high
+
+
+def test_a_failed_process_in_the_pairs_shows_and_no_ratio_is_claimed():
+    from lenet_sweep import bench
+
+    run_row, seed_row = bench._paired(("run", ["-c", "pass"]),
+                                      ("seed", ["-c", "raise SystemExit(3)"]), 1)  # fmt: skip
+    assert seed_row["note"] == "exit 3" and run_row["note"] == ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -39,9 +41,10 @@ def curves_figure(history: list[dict]):
     return fig
 
 
-def log_study_plots(run, study, objectives: list[str]) -> None:
-    """Optuna's plots under plots/ of `run`: history, parallel coordinates and importances of the
-    first objective, and the Pareto front when there are several."""
+def draw_study_plots(study, objectives: list[str], folder: str) -> list[str]:
+    """Optuna's plots of `study` as PNGs in `folder`, saved as MLflow's log_figure saves them:
+    history, parallel coordinates and importances of the first objective, and the Pareto front
+    when there are several. Returns the file names drawn (a plot that cannot be is skipped)."""
     _agg()
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
@@ -54,11 +57,24 @@ def log_study_plots(run, study, objectives: list[str]) -> None:
     }  # fmt: skip
     if len(objectives) > 1:
         plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
+    drawn = []
     for name, plot in plots.items():
         try:
             ax = plot()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            run.log_figure(fig, f"plots/{name}")
+            fig.savefig(os.path.join(folder, name))
             plt.close(fig)
+            drawn.append(name)
         except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
             log.info("plot %s skipped: %s", name, str(e).splitlines()[0] if str(e) else e)
+    return drawn
+
+
+def log_study_plots(run, study, objectives: list[str]) -> None:
+    """Optuna's plots under plots/ of `run` (`draw_study_plots`), drawn by the helper process
+    where there is one (lenet_sweep.painter: its imports, sklearn's among them, done earlier)."""
+    from lenet_sweep import painter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in painter.study_plots(study, objectives, tmp):
+            run.log_artifact(os.path.join(tmp, name), "plots")

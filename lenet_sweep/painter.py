@@ -11,8 +11,13 @@ meanwhile, then draws each PNG it is asked for while the run writes its totals a
 saves), so the PNG is the same bytes either way; anything wrong with it (not started, gone, an
 error, no answer) and the PNG is drawn in the run's own process as before.
 
-The protocol, one line each way: a JSON request `{"history": [...], "path": ...}` on the helper's
-stdin; `ok` or the error on its stdout. The helper has its own session (a Ctrl-C in the terminal
+A sweep's process asks it for Optuna's plots of the study too (`study_plots`; sklearn's import
+for the importances alone is 0.4-1.4 s): started with `study_plots=True`, the helper readies them
+after its warm-up, while the sweep starts.
+
+The protocol, one line each way: a JSON request on the helper's stdin, `{"history": [...],
+"path": ...}` (curves) or `{"study": <base64 pickle>, "objectives": [...], "folder": ...}`
+(plots); `{"ok": <result>}` or `{"error": ...}` on its stdout. The helper has its own session (a Ctrl-C in the terminal
 is the run's to handle), stops when its stdin closes (the run exited or was killed), and is
 stopped at the run's exit.
 """
@@ -20,10 +25,12 @@ stopped at the run's exit.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import json
 import logging
 import os
+import pickle
 import select
 import subprocess
 import sys
@@ -38,16 +45,18 @@ _lock = threading.Lock()  # one request in flight, whichever thread records
 _helper: subprocess.Popen | None = None
 
 
-def start() -> None:
-    """Start the helper (once per process; a process that cannot start one draws in-process)."""
+def start(study_plots: bool = False) -> None:
+    """Start the helper (once per process; a process that cannot start one draws in-process);
+    `study_plots`: it also readies Optuna's plots (a sweep's process)."""
     global _helper
     with _lock:
         if _helper is not None:
             return
         # This package's folder first on its path: found even after Hydra changed the directory.
         path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        args = [sys.executable, "-m", "lenet_sweep.painter", *(["--study-plots"] * study_plots)]
         try:
-            _helper = subprocess.Popen([sys.executable, "-m", "lenet_sweep.painter"],
+            _helper = subprocess.Popen(args,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": path})  # fmt: skip
@@ -78,37 +87,63 @@ def _end(helper: subprocess.Popen) -> None:
 def drawing(history: list[dict], path: str):
     """The training-curves PNG of `history` written to `path` while the block runs (by the
     helper; if it cannot, here after the block): on disk when the block has ended normally."""
-    global _helper
-    with _lock:  # held through the block: one request in flight, its answer read before the next
-        helper = _helper
-        if helper is not None and not _send(helper, history, path):
-            _end(helper)
-            helper = _helper = None
-        try:
-            yield
-        finally:
-            drawn = helper is not None and _answered(helper)
-            if helper is not None and not drawn:
-                _end(helper)
-                _helper = None
-    if not drawn:
+    with _asked({"history": history, "path": str(path)}) as answer:
+        yield
+    if not answer:
         from lenet_sweep.figures import curves_figure
 
         curves_figure(history).savefig(path)
 
 
-def _send(helper: subprocess.Popen, history: list[dict], path: str) -> bool:
+def study_plots(study, objectives: list[str], folder: str) -> list[str]:
+    """Optuna's plots of `study` drawn into `folder` (figures.draw_study_plots: the names drawn),
+    by the helper from a copy of the study in its memory, else here."""
+    payload = pickle.dumps((study.study_name, study.directions, study.get_trials(deepcopy=False)))
+    request = {"study": base64.b64encode(payload).decode(), "objectives": objectives,
+               "folder": str(folder)}  # fmt: skip
+    with _asked(request) as answer:
+        pass
+    if answer:
+        return answer[0]
+    from lenet_sweep.figures import draw_study_plots
+
+    return draw_study_plots(study, objectives, folder)
+
+
+@contextlib.contextmanager
+def _asked(request: dict):
+    """Send `request` to the helper, run the block, then read the answer: yields a list that
+    holds the helper's result after the block, or stays empty (the caller does it itself). A
+    helper that failed once is ended, not asked again."""
+    global _helper
+    answer: list = []
+    with _lock:  # held through the block: one request in flight, its answer read before the next
+        helper = _helper
+        if helper is not None and not _send(helper, request):
+            _end(helper)
+            helper = _helper = None
+        try:
+            yield answer
+        finally:
+            if helper is not None:
+                answer.extend(_answered(helper))
+                if not answer:
+                    _end(helper)
+                    _helper = None
+
+
+def _send(helper: subprocess.Popen, request: dict) -> bool:
     try:
-        helper.stdin.write(json.dumps({"history": history, "path": str(path)}).encode() + b"\n")
+        helper.stdin.write(json.dumps(request).encode() + b"\n")
         helper.stdin.flush()
         return True
     except (OSError, ValueError) as e:
-        log.debug("curves helper: %s; drawing in-process", e)
+        log.debug("painter helper: %s; drawing in-process", e)
         return False
 
 
-def _answered(helper: subprocess.Popen) -> bool:
-    """Wait for the answer to the request in flight; False on anything but `ok`."""
+def _answered(helper: subprocess.Popen) -> list:
+    """Wait for the answer to the request in flight: [its result], or [] on anything but ok."""
     answer = b""
     try:
         while not answer.endswith(b"\n"):
@@ -117,16 +152,18 @@ def _answered(helper: subprocess.Popen) -> bool:
             if not chunk:  # gone, or no answer in time
                 break
             answer += chunk
+        reply = json.loads(answer)
+        if "ok" in reply:
+            return [reply["ok"]]
     except (OSError, ValueError) as e:
         answer = str(e).encode()
-    if answer.strip() == b"ok":
-        return True
-    log.debug("curves helper: %s; drawing in-process", answer.decode(errors="replace").strip())
-    return False
+    log.debug("painter helper: %s; drawing in-process", answer.decode(errors="replace").strip())
+    return []
 
 
-def _serve() -> None:
-    """The helper: import and warm matplotlib, then answer requests until stdin closes."""
+def _serve(study_plots: bool) -> None:
+    """The helper: import and warm matplotlib (and Optuna's plots), then answer requests until
+    stdin closes."""
     import io
     import signal
 
@@ -137,16 +174,53 @@ def _serve() -> None:
     curves_figure([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}]).savefig(
         io.BytesIO(), format="png"
     )
+    if study_plots:
+        _warm_study_plots()
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
-            curves_figure(request["history"]).savefig(request["path"])
-            answer = "ok"
+            answer = {"ok": _study_plots(request) if "study" in request else _curves(request)}
         except Exception as e:  # noqa: BLE001 - reported to the run, which draws it itself
-            answer = f"{type(e).__name__}: {e}".replace("\n", " ")
-        sys.stdout.write(answer + "\n")
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
 
+def _curves(request: dict) -> None:
+    from lenet_sweep.figures import curves_figure
+
+    curves_figure(request["history"]).savefig(request["path"])
+
+
+def _study_plots(request: dict) -> list[str]:
+    import optuna
+
+    from lenet_sweep.figures import draw_study_plots
+
+    name, directions, trials = pickle.loads(base64.b64decode(request["study"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, directions=directions)  # in memory
+    study.add_trials(trials)
+    return draw_study_plots(study, request["objectives"], request["folder"])
+
+
+def _warm_study_plots() -> None:
+    """Draw a small study's plots once: the imports (Optuna's plots, sklearn's forest for the
+    importances) and a first drawing of each, before the sweep asks."""
+    import tempfile
+
+    import optuna
+
+    from lenet_sweep.figures import draw_study_plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for x in (0.1, 0.5, 0.9):
+        study.enqueue_trial({"x": x})
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2, n_trials=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        draw_study_plots(study, ["value"], tmp)
+
+
 if __name__ == "__main__":
-    _serve()
+    _serve("--study-plots" in sys.argv[1:])

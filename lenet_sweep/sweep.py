@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
 from lenet_sweep import (
+    painter,
     protocol,
     search_space,
     signals,
@@ -95,6 +96,8 @@ class OptunaSweep:
 
     def _run(self, arguments: list[str]) -> None:
         settings = self.settings
+        if self.mlflow_uri:  # the parent run's plots: their imports in the helper meanwhile
+            painter.start(study_plots=True)
         space, fixed = self.setup.check(arguments)
         sampler = self.setup.sampler(space)
         if self.mlflow_uri:

@@ -61,8 +61,8 @@ class Run:
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, mask_url(text), path)
 
-    def log_figure(self, figure, path: str) -> None:
-        self.client.log_figure(self.run_id, figure, path)
+    def log_artifact(self, path: str, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, folder)
 
 
 class TrackedRun(Run):
@@ -154,7 +154,7 @@ class TrackedRun(Run):
                 self.log_metrics(totals)
                 self.log_model(net)
             if curves is not None:
-                self.client.log_artifact(self.run_id, path)
+                self.log_artifact(path)
 
 
 def _mlflow_pytorch():

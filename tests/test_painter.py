@@ -109,3 +109,62 @@ def test_the_curves_are_drawn_while_the_run_writes_and_a_failed_block_keeps_the_
     assert proc.stdout.splitlines() == ["seen in the block True", "after True False"]
     during, after = (tmp_path / "during.png").read_bytes(), (tmp_path / "after.png").read_bytes()
     assert during == after and during.startswith(b"\x89PNG")
+
+
+# A sweep's plots: drawn by the helper (started for them) from a copy of the study, then (helper
+# gone, as `mode` says) in this process; prints the names drawn and whether sklearn and
+# matplotlib were imported here after each.
+STUDY_PROGRAM = """
+import os, sys
+import optuna
+from lenet_sweep import painter
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+painter.start(study_plots=True)
+objectives = sys.argv[3].split(",")
+study = optuna.create_study(directions=["maximize"] * len(objectives))
+space = {"lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True),
+         "epochs": optuna.distributions.IntDistribution(1, 10)}
+for i in range(12):
+    trial = study.ask(space)
+    if i == 3:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    elif i == 4:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, [(i * 7 % 11) / 11 + j for j in range(len(objectives))])
+study.ask()  # another worker's trial, still running
+for where in ("helper", "here"):
+    os.makedirs(sys.argv[1] + "/" + where)
+    names = painter.study_plots(study, objectives, sys.argv[1] + "/" + where)
+    print(where, ",".join(names), "sklearn" in sys.modules, "matplotlib" in sys.modules, flush=True)
+    if where == "helper" and sys.argv[2] == "killed":
+        os.kill(painter._helper.pid, 9)
+        painter._helper.wait()
+    elif where == "helper":
+        painter.stop()
+"""
+
+
+def _plots(tmp_path, mode: str, objectives: str) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, "-c", STUDY_PROGRAM, str(tmp_path), mode, objectives],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [line.split() for line in proc.stdout.splitlines()]
+
+
+def test_a_sweeps_plots_are_drawn_by_the_helper_as_this_process_draws_them(tmp_path):
+    helper, here = _plots(tmp_path, "stopped", "test_acc")
+    names = ["optimization_history.png", "parallel_coordinate.png", "param_importances.png"]
+    assert helper == ["helper", ",".join(names), "False", "False"]  # nothing imported here
+    assert here == ["here", ",".join(names), "True", "True"]
+    for name in names[:2]:  # the importances come from a random forest: compared by name only
+        drawn = (tmp_path / "helper" / name).read_bytes()
+        assert drawn.startswith(b"\x89PNG") and drawn == (tmp_path / "here" / name).read_bytes()
+
+
+def test_several_objectives_get_their_pareto_front_and_a_dead_helper_leaves_it_here(tmp_path):
+    helper, here = _plots(tmp_path, "killed", "test_acc,train_acc")
+    assert helper[1].split(",")[-1] == "pareto_front.png" and helper[2:] == ["False", "False"]
+    assert here[1] == helper[1] and here[2:] == ["True", "True"]
+    front = (tmp_path / "helper" / "pareto_front.png").read_bytes()
+    assert front == (tmp_path / "here" / "pareto_front.png").read_bytes()

@@ -1,5 +1,5 @@
-"""A run's training-curves PNG, drawn by a helper process started as the run's task starts
-(or as the fused launcher starts its trials).
+"""A run's training-curves PNG and a sweep's Optuna plots, drawn by a helper process started as
+the run's task starts (or as the fused launcher starts its trials, or as a sweep starts).
 
 Why: importing matplotlib (0.25 s on 2 cores) and drawing (0.05 s) were the last 0.3 s of every
 run, on the same core that had just spent 2.5 s importing torch and MLflow one module after the
@@ -11,15 +11,15 @@ meanwhile, then draws each PNG it is asked for while the run writes its totals a
 saves), so the PNG is the same bytes either way; anything wrong with it (not started, gone, an
 error, no answer) and the PNG is drawn in the run's own process as before.
 
-A sweep's process asks it for Optuna's plots of the study too (`study_plots`; sklearn's import
-for the importances alone is 0.4-1.4 s): started with `study_plots=True`, the helper readies them
-after its warm-up, while the sweep starts.
+A sweep's process asks it for Optuna's plots of the study at its end (`study_plots`): started
+with `study_plots=True`, the helper imports Optuna's plotting and sklearn's forest for the
+importances (about 1.3 s on 2 cores) and draws a small study's plots once while the sweep starts.
 
 The protocol, one line each way: a JSON request on the helper's stdin, `{"history": [...],
-"path": ...}` (curves) or `{"study": <base64 pickle>, "objectives": [...], "folder": ...}`
-(plots); `{"ok": <result>}` or `{"error": ...}` on its stdout. The helper has its own session (a Ctrl-C in the terminal
-is the run's to handle), stops when its stdin closes (the run exited or was killed), and is
-stopped at the run's exit.
+"path": ...}` (curves) or `{"study": <base64 pickle of its trials>, "objectives": [...],
+"folder": ...}` (plots); `{"ok": <result>}` or `{"error": ...}` on its stdout. The helper has
+its own session (a Ctrl-C in the terminal is the run's to handle), stops when its stdin closes
+(the run exited or was killed), and is stopped at the run's exit.
 """
 
 from __future__ import annotations
@@ -133,9 +133,15 @@ def _asked(request: dict):
 
 
 def _send(helper: subprocess.Popen, request: dict) -> bool:
+    """Write the request a pipe's atomic chunk at a time: a large study's does not fit the pipe,
+    and a helper that stopped reading must not hang the run."""
+    data = json.dumps(request).encode() + b"\n"
     try:
-        helper.stdin.write(json.dumps(request).encode() + b"\n")
-        helper.stdin.flush()
+        fd = helper.stdin.fileno()
+        while data:
+            if not select.select([], [fd], [], ANSWER_TIMEOUT_S)[1]:
+                raise TimeoutError(f"no request taken in {ANSWER_TIMEOUT_S:.0f} s")
+            data = data[os.write(fd, data[: select.PIPE_BUF]) :]
         return True
     except (OSError, ValueError) as e:
         log.debug("painter helper: %s; drawing in-process", e)

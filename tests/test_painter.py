@@ -124,7 +124,7 @@ objectives = sys.argv[3].split(",")
 study = optuna.create_study(directions=["maximize"] * len(objectives))
 space = {"lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True),
          "epochs": optuna.distributions.IntDistribution(1, 10)}
-for i in range(12):
+for i in range(int(sys.argv[4])):
     trial = study.ask(space)
     if i == 3:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -133,6 +133,9 @@ for i in range(12):
     else:
         study.tell(trial, [(i * 7 % 11) / 11 + j for j in range(len(objectives))])
 study.ask()  # another worker's trial, still running
+if sys.argv[2] == "frozen":  # a helper that takes no more requests
+    os.kill(painter._helper.pid, 19)  # SIGSTOP
+    painter.ANSWER_TIMEOUT_S = 1.0
 for where in ("helper", "here"):
     os.makedirs(sys.argv[1] + "/" + where)
     names = painter.study_plots(study, objectives, sys.argv[1] + "/" + where)
@@ -145,15 +148,15 @@ for where in ("helper", "here"):
 """
 
 
-def _plots(tmp_path, mode: str, objectives: str) -> list[list[str]]:
-    proc = subprocess.run([sys.executable, "-c", STUDY_PROGRAM, str(tmp_path), mode, objectives],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+def _plots(tmp_path, mode: str, objectives: str, trials: int) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, "-c", STUDY_PROGRAM, str(tmp_path), mode, objectives,
+                           str(trials)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return [line.split() for line in proc.stdout.splitlines()]
 
 
 def test_a_sweeps_plots_are_drawn_by_the_helper_as_this_process_draws_them(tmp_path):
-    helper, here = _plots(tmp_path, "stopped", "test_acc")
+    helper, here = _plots(tmp_path, "stopped", "test_acc", 400)  # more than a pipe holds
     names = ["optimization_history.png", "parallel_coordinate.png", "param_importances.png"]
     assert helper == ["helper", ",".join(names), "False", "False"]  # nothing imported here
     assert here == ["here", ",".join(names), "True", "True"]
@@ -163,8 +166,16 @@ def test_a_sweeps_plots_are_drawn_by_the_helper_as_this_process_draws_them(tmp_p
 
 
 def test_several_objectives_get_their_pareto_front_and_a_dead_helper_leaves_it_here(tmp_path):
-    helper, here = _plots(tmp_path, "killed", "test_acc,train_acc")
+    helper, here = _plots(tmp_path, "killed", "test_acc,train_acc", 12)
     assert helper[1].split(",")[-1] == "pareto_front.png" and helper[2:] == ["False", "False"]
     assert here[1] == helper[1] and here[2:] == ["True", "True"]
     front = (tmp_path / "helper" / "pareto_front.png").read_bytes()
     assert front == (tmp_path / "here" / "pareto_front.png").read_bytes()
+
+
+def test_a_helper_that_takes_no_request_cannot_hang_the_sweep(tmp_path):
+    started = time.monotonic()
+    asked, here = _plots(tmp_path, "frozen", "test_acc", 400)
+    assert asked[1:] == ["optimization_history.png,parallel_coordinate.png,param_importances.png",
+                         "True", "True"]  # drawn here after the write timed out  # fmt: skip
+    assert here[1] == asked[1] and time.monotonic() - started < 60

@@ -41,10 +41,10 @@ def curves_figure(history: list[dict]):
     return fig
 
 
-def draw_study_plots(study, objectives: list[str], folder: str) -> list[str]:
+def draw_study_plots(study, objectives: list[str], folder: str) -> dict[str, str | None]:
     """Optuna's plots of `study` as PNGs in `folder`, saved as MLflow's log_figure saves them:
     history, parallel coordinates and importances of the first objective, and the Pareto front
-    when there are several. Returns the file names drawn (a plot that cannot be is skipped)."""
+    when there are several. Returns {file name: None if drawn, else why it was skipped}."""
     _agg()
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
@@ -57,17 +57,17 @@ def draw_study_plots(study, objectives: list[str], folder: str) -> list[str]:
     }  # fmt: skip
     if len(objectives) > 1:
         plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
-    drawn = []
+    outcome: dict[str, str | None] = {}
     for name, plot in plots.items():
         try:
             ax = plot()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.savefig(os.path.join(folder, name))
             plt.close(fig)
-            drawn.append(name)
+            outcome[name] = None
         except Exception as e:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
-            log.info("plot %s skipped: %s", name, str(e).splitlines()[0] if str(e) else e)
-    return drawn
+            outcome[name] = str(e).splitlines()[0] if str(e) else repr(e)
+    return outcome
 
 
 def log_study_plots(run, study, objectives: list[str]) -> None:
@@ -76,5 +76,8 @@ def log_study_plots(run, study, objectives: list[str]) -> None:
     from lenet_sweep import painter
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in painter.study_plots(study, objectives, tmp):
-            run.log_artifact(os.path.join(tmp, name), "plots")
+        for name, skipped in painter.study_plots(study, objectives, tmp).items():
+            if skipped:
+                log.info("plot %s skipped: %s", name, skipped)
+            else:
+                run.log_artifact(os.path.join(tmp, name), "plots")

@@ -95,9 +95,9 @@ def drawing(history: list[dict], path: str):
         curves_figure(history).savefig(path)
 
 
-def study_plots(study, objectives: list[str], folder: str) -> list[str]:
-    """Optuna's plots of `study` drawn into `folder` (figures.draw_study_plots: the names drawn),
-    by the helper from a copy of the study in its memory, else here."""
+def study_plots(study, objectives: list[str], folder: str) -> dict[str, str | None]:
+    """Optuna's plots of `study` drawn into `folder` (figures.draw_study_plots: which were, and
+    why not), by the helper from a copy of the study in its memory, else here."""
     payload = pickle.dumps((study.study_name, study.directions, study.get_trials(deepcopy=False)))
     request = {"study": base64.b64encode(payload).decode(), "objectives": objectives,
                "folder": str(folder)}  # fmt: skip
@@ -198,7 +198,7 @@ def _curves(request: dict) -> None:
     curves_figure(request["history"]).savefig(request["path"])
 
 
-def _study_plots(request: dict) -> list[str]:
+def _study_plots(request: dict) -> dict[str, str | None]:
     import optuna
 
     from lenet_sweep.figures import draw_study_plots

@@ -137,9 +137,13 @@ if sys.argv[2] == "frozen":  # a helper that takes no more requests
     os.kill(painter._helper.pid, 19)  # SIGSTOP
     painter.ANSWER_TIMEOUT_S = 1.0
 for where in ("helper", "here"):
-    os.makedirs(sys.argv[1] + "/" + where)
-    names = painter.study_plots(study, objectives, sys.argv[1] + "/" + where)
-    print(where, ",".join(names), "sklearn" in sys.modules, "matplotlib" in sys.modules, flush=True)
+    if sys.argv[2] != "no folder":  # else every plot fails to save
+        os.makedirs(sys.argv[1] + "/" + where)
+    drawn = painter.study_plots(study, objectives, sys.argv[1] + "/" + where)
+    names = [name for name, why in drawn.items() if why is None]
+    skipped = [name for name, why in drawn.items() if why] or ["-"]
+    print(where, ",".join(names), "sklearn" in sys.modules, "matplotlib" in sys.modules,
+          ",".join(skipped), flush=True)
     if where == "helper" and sys.argv[2] == "killed":
         os.kill(painter._helper.pid, 9)
         painter._helper.wait()
@@ -158,8 +162,8 @@ def _plots(tmp_path, mode: str, objectives: str, trials: int) -> list[list[str]]
 def test_a_sweeps_plots_are_drawn_by_the_helper_as_this_process_draws_them(tmp_path):
     helper, here = _plots(tmp_path, "stopped", "test_acc", 400)  # more than a pipe holds
     names = ["optimization_history.png", "parallel_coordinate.png", "param_importances.png"]
-    assert helper == ["helper", ",".join(names), "False", "False"]  # nothing imported here
-    assert here == ["here", ",".join(names), "True", "True"]
+    assert helper == ["helper", ",".join(names), "False", "False", "-"]  # nothing imported here
+    assert here == ["here", ",".join(names), "True", "True", "-"]
     for name in names[:2]:  # the importances come from a random forest: compared by name only
         drawn = (tmp_path / "helper" / name).read_bytes()
         assert drawn.startswith(b"\x89PNG") and drawn == (tmp_path / "here" / name).read_bytes()
@@ -167,8 +171,8 @@ def test_a_sweeps_plots_are_drawn_by_the_helper_as_this_process_draws_them(tmp_p
 
 def test_several_objectives_get_their_pareto_front_and_a_dead_helper_leaves_it_here(tmp_path):
     helper, here = _plots(tmp_path, "killed", "test_acc,train_acc", 12)
-    assert helper[1].split(",")[-1] == "pareto_front.png" and helper[2:] == ["False", "False"]
-    assert here[1] == helper[1] and here[2:] == ["True", "True"]
+    assert helper[1].split(",")[-1] == "pareto_front.png" and helper[2:] == ["False", "False", "-"]
+    assert here[1] == helper[1] and here[2:] == ["True", "True", "-"]
     front = (tmp_path / "helper" / "pareto_front.png").read_bytes()
     assert front == (tmp_path / "here" / "pareto_front.png").read_bytes()
 
@@ -177,5 +181,13 @@ def test_a_helper_that_takes_no_request_cannot_hang_the_sweep(tmp_path):
     started = time.monotonic()
     asked, here = _plots(tmp_path, "frozen", "test_acc", 400)
     assert asked[1:] == ["optimization_history.png,parallel_coordinate.png,param_importances.png",
-                         "True", "True"]  # drawn here after the write timed out  # fmt: skip
+                         "True", "True", "-"]  # drawn here after the write timed out  # fmt: skip
     assert here[1] == asked[1] and time.monotonic() - started < 60
+
+
+def test_the_plots_the_helper_could_not_draw_are_reported_to_the_sweep_as_here(tmp_path):
+    helper, here = _plots(tmp_path, "no folder", "test_acc", 3)
+    skipped = "optimization_history.png,parallel_coordinate.png,param_importances.png"
+    # none drawn (an empty field), each skipped with its reason, by the helper as here
+    assert helper == ["helper", "False", "False", skipped]
+    assert here == ["here", "True", "True", skipped]

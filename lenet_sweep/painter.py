@@ -56,8 +56,7 @@ def start(study_plots: bool = False) -> None:
         path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
         args = [sys.executable, "-m", "lenet_sweep.painter", *(["--study-plots"] * study_plots)]
         try:
-            _helper = subprocess.Popen(args,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            _helper = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": path})  # fmt: skip
         except OSError as e:

@@ -39,10 +39,10 @@ def _conv(name: str, conv: nn.Conv2d) -> Layer:
         k = w.shape[0]
         b = params.get(f"{name}.bias")
         w = w.reshape(-1, *w.shape[2:])
-        if x.device.type == "cpu":
-            # Channels-last, as models.place puts a net's: one member's input has one channel,
-            # which says no layout, and oneDNN then ran its whole first block NCHW (a step of
-            # one member 12.3 -> 10.7 ms, the eager loop's; more members: the same numbers).
+        if x.device.type == "cpu" and x.shape[1] == 1:
+            # Channels-last, as models.place puts a net's: one member's single-channel input
+            # says no layout, and oneDNN then ran its whole first block NCHW (a step of one
+            # member 12.3 -> 10.7 ms, the eager loop's). Any other input says it itself.
             w = w.to(memory_format=torch.channels_last)
         return F.conv2d(x, w, None if b is None else b.reshape(-1),
                         conv.stride, conv.padding, conv.dilation, k * conv.groups)  # fmt: skip

@@ -62,6 +62,14 @@ def _row(name, examples, train_s, wall_s, trials, test_acc, device, note="") -> 
             "test_acc": test_acc, "peak_mb": _peak_mb(device), "wall_s": wall_s, "note": note}  # fmt: skip
 
 
+def _split_note(result, wall: float) -> str:
+    """Where a trainer's wall time went: its steps, its evaluations, the rest (building the nets,
+    warm-up and capture, host work between epochs)."""
+    rest = wall - result.train_time_s - result.eval_time_s
+    return (f"steps {result.train_time_s:.2f} s, evaluation {result.eval_time_s:.2f} s, "
+            f"the rest {rest:.2f} s")  # fmt: skip
+
+
 # --- (a) the seed's path -------------------------------------------------------------------------
 def _torchvision_root(tmp: Path) -> Path:
     """The idx files where torchvision's FashionMNIST looks for them (raw/, decompressed)."""
@@ -142,7 +150,7 @@ def solo(name: str, epochs: int, device, graphed: bool, autocast=None) -> dict:
                      seed=42, progress=False, autocast=autocast)  # fmt: skip
     wall = time.perf_counter() - start
     return _row(name, result.examples_seen, result.train_time_s, wall, 1,
-                result.final["test_acc"], device)  # fmt: skip
+                result.final["test_acc"], device, _split_note(result, wall))  # fmt: skip
 
 
 def fused(k: int, epochs: int, device, autocast=None) -> dict:
@@ -158,6 +166,7 @@ def fused(k: int, epochs: int, device, autocast=None) -> dict:
     seen = sum(m.result.examples_seen for m in members)
     train_s = members[0].result.train_time_s  # the group's time: every member rode all of it
     note = f"test acc min {min(accs):.4f}; trial-examples/s" if k > 1 else "trial-examples/s"
+    note += "; " + _split_note(members[0].result, wall)
     name = f"(d) fused K={k}" + (", bf16" if autocast else "")
     return _row(name, seen, train_s, wall, k, sum(accs) / k, device, note)
 

@@ -170,11 +170,12 @@ class _Epoch:
                 g.sums[0] += loss.detach() * y.shape[1]
                 g.sums[1] += (logits.argmax(-1) == y).sum(-1)
 
-    def _evaluate(self) -> None:
-        g = self.group
+    def _evaluate(self, starts: Sequence[int] | None = None) -> None:
+        g, n, B = self.group, len(self.test), self.batch_size
         g.sums[2].zero_()
         with torch.no_grad():
-            for X, y in self.test.batches(self.batch_size):
+            for start in range(0, n, B) if starts is None else starts:
+                X, y = self.test.images[start : start + B], self.test.labels[start : start + B]
                 with mixed(g.perm.device, self.autocast):
                     logits = self.logits_fn(g.params, X)
                 g.sums[2] += (logits.argmax(-1) == y).sum(-1)
@@ -187,11 +188,10 @@ class _Epoch:
         # Warm-up on every batch shape, the odd last one too: cuDNN picks its kernels for each
         # shape here (and would autotune them here with cudnn.benchmark), never inside capture.
         n, B = len(self.train), self.batch_size
-        last = (n - 1) // B * B
-        starts = sorted({*range(0, min(n, WARMUP_STEPS * B), B), last})
+        starts = sorted({*range(0, min(n, WARMUP_STEPS * B), B), (n - 1) // B * B})
         with torch.cuda.stream(side):
             self._train_steps(starts)
-            self._evaluate()
+            self._evaluate(sorted({0, (len(self.test) - 1) // B * B}))  # its two shapes
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(g.state_tensors(), saved, strict=True):
             t.copy_(s)  # the warm-up steps never happened

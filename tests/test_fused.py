@@ -297,6 +297,33 @@ def test_one_members_convolutions_run_channels_last_as_the_eager_nets_do():
     assert torch.equal(out, net[0](x))  # the eager net's first convolution, bit for bit
 
 
+def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
+    """On CUDA an epoch is a few graphs (16 steps, one step, the odd last batch) that read their
+    batches through a cursor on the device; walked eagerly here, they must leave every weight,
+    optimizer state and sum exactly as the eager epoch does."""
+    make, (train_split, test_split) = trial
+    n, batch = 8 * (2 * fused.STEPS_PER_GRAPH + 3) + 5, 8  # two chunks, three singles, odd last
+    assert fused.replay_plan(n, batch) == [(fused.STEPS_PER_GRAPH, 8, 2), (1, 8, 3), (1, 5, 1)]
+    train_split = type(train_split)(train_split.images[:n], train_split.labels[:n])
+    epochs = []
+    for _ in range(2):
+        members = [
+            Member(*make(lr, seed)[1:], epochs=1, seed=seed) for lr, seed in [(0.9, 1), (0.1, 2)]
+        ]
+        group = fused._Group.stack(fused._start(members, CPU), n, CPU)
+        group.perm.copy_(torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))
+                                      for s in (1, 2)]))  # fmt: skip
+        epochs.append(fused._Epoch(group, train_split, test_split, batch, graph=False))
+    epochs[0]._train_steps()
+    for steps, b, times in fused.replay_plan(n, batch):
+        for _ in range(times):
+            epochs[1]._cursor_steps(steps, b)
+    assert epochs[1].cursor.item() == n
+    for a, b in zip(epochs[0].group.state_tensors(), epochs[1].group.state_tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(epochs[0].group.sums, epochs[1].group.sums)
+
+
 class _TwoLayer(torch.nn.Module):  # not a Sequential: the fused trainer vmaps it
     def __init__(self):
         super().__init__()

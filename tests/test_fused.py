@@ -297,6 +297,21 @@ def test_one_members_convolutions_run_channels_last_as_the_eager_nets_do():
     assert torch.equal(out, net[0](x))  # the eager net's first convolution, bit for bit
 
 
+@pytest.mark.parametrize(
+    ("n", "batch", "plan"),
+    [
+        (60000, 256, [(16, 256, 14), (1, 256, 10), (1, 96, 1)]),  # the seed's epoch: 235 steps
+        (16 * 32, 32, [(16, 32, 1)]),  # whole chunks only
+        (256, 256, [(1, 256, 1)]),  # one full batch
+        (100, 256, [(1, 100, 1)]),  # a split smaller than a batch
+    ],
+)
+def test_an_epochs_graphs_cover_every_example_once(n, batch, plan):
+    assert fused.STEPS_PER_GRAPH == 16
+    assert fused.replay_plan(n, batch) == plan
+    assert sum(steps * b * times for steps, b, times in plan) == n
+
+
 def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
     """On CUDA an epoch is a few graphs (16 steps, one step, the odd last batch) that read their
     batches through a cursor on the device; walked eagerly here, they must leave every weight,

@@ -368,7 +368,7 @@ def train_graphed(net: nn.Module, optimizer: Optimizer, train: Split, test: Spli
                   epochs: int, batch_size: int, seed: int, progress: bool = True,
                   hooks: Sequence[EpochHook] = (), resume=None,
                   autocast: torch.dtype | None = None) -> TrainResult:  # fmt: skip
-    """train.train with each epoch one CUDA-graph replay (a group of one): the same numbers,
+    """train.train with each epoch replayed as CUDA graphs (a group of one): the same numbers,
     hooks and checkpoints, read at epoch boundaries."""
     member = Member(net, optimizer, epochs, seed, hooks, resume)
     train_group([member], train, test, batch_size=batch_size, graph=True, progress=progress,

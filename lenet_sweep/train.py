@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lenet_sweep import host_memory, signals, startup_gc
 from lenet_sweep.data import Split
-from lenet_sweep.models import channels_last_gradients
+from lenet_sweep.models import channels_last_gradients, nchw_input_gradients
 from lenet_sweep.optim import Optimizer
 
 if TYPE_CHECKING:
@@ -99,6 +99,14 @@ def training_begins(device: torch.device) -> None:
         host_memory.keep_freed_memory()  # or larger steps page their memory in anew each time
 
 
+@contextlib.contextmanager
+def _cpu_kernels(net: nn.Module):
+    """On the CPU: Flatten hands its gradient back channels-last, and convolutions with few input
+    channels compute their input gradient in NCHW order (models.py says why, for each)."""
+    with channels_last_gradients(), nchw_input_gradients(net):
+        yield
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,8 +135,7 @@ def train(
     result = resume.restore(net, optimizer, shuffle) if resume else TrainResult()
     state = TrainState(net, optimizer, shuffle, result)
     n, num_batches = len(train_split), train_split.num_batches(batch_size)
-    # On the CPU, Flatten hands its gradient back channels-last (see channels_last_gradients).
-    with channels_last_gradients() if device.type == "cpu" else contextlib.nullcontext():
+    with _cpu_kernels(net) if device.type == "cpu" else contextlib.nullcontext():
         for epoch in range(state.epoch + 1, epochs + 1):
             net.train()
             loss_sum = torch.zeros((), device=device)

@@ -108,8 +108,10 @@ def nchw_input_gradients(net: nn.Module):
 
 
 def _takes_nchw_input_gradient(module: nn.Module) -> bool:
+    # Grouped ones (a fused group's) are slower in NCHW: 13.6 against 7.0 ms for 4 members.
     return (type(module) is nn.Conv2d and module.in_channels < FEW_INPUT_CHANNELS
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))  # fmt: skip
+            and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))  # fmt: skip
 
 
 def _nchw_input_gradient_forward(conv: nn.Conv2d):

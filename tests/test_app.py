@@ -99,6 +99,37 @@ def test_run_that_raises_ends_failed(make_cfg, mlflow_uri, experiment, monkeypat
     assert runs[0].data.tags["error"] == "RuntimeError: disk on fire"
 
 
+def test_the_cpu_splits_load_beside_the_store_and_its_error_comes_first(
+    make_cfg, mlflow_uri, experiment, tmp_path, monkeypatch
+):
+    """On the CPU the splits load in a thread while MLflow's store opens; a data error still
+    comes after the store's checks (and before any run), a store error wins over it, and the
+    thread is joined either way."""
+    import threading
+
+    from lenet_sweep.errors import UserError
+
+    loaded_in = []
+    real_load = app.load_split
+    monkeypatch.setattr(app, "load_split", lambda *a, **kw: loaded_in.append(
+        threading.current_thread().name) or real_load(*a, **kw))  # fmt: skip
+    job = app.Job.prepare(make_cfg("device=cpu"))
+    job.mlrun.close()
+    assert len(loaded_in) == 2 and all(name.startswith("splits") for name in loaded_in)
+
+    threads = threading.active_count()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="empty: missing train-images-idx3-ubyte"):
+        app.Job.prepare(make_cfg("device=cpu", f"data.root={empty}"))
+    assert [r.info.status for r in runs_of(mlflow_uri, experiment)[1]] == ["FINISHED"]
+    bad_store = f"sqlite:///{tmp_path / 'no' / 'dir'}/x.db"
+    with pytest.raises(UserError, match="MLflow store .* does not exist"):
+        app.Job.prepare(make_cfg("device=cpu", f"data.root={empty}",
+                                 f"mlflow.tracking_uri={bad_store}"))  # fmt: skip
+    assert threading.active_count() == threads
+
+
 def test_config_composition_and_overrides(make_cfg):
     cfg = make_cfg()
     assert (cfg.lr, cfg.batch_size, cfg.device) == (0.9, 256, "cpu")

@@ -94,7 +94,8 @@ class Job:
         config.validate(cfg)
         device = config.resolve_device(cfg.device)
         uri = tracking_store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # its own
+        # A copy of the data settings that the loading thread reads alone.
+        data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
         with ThreadPoolExecutor(1, thread_name_prefix="splits") as pool:
             # On the CPU the data loads beside the store's opening: reading, hashing and
             # converting the idx files release the GIL, importing MLflow holds it (0.12-0.35 s

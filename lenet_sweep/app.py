@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lenet_sweep import config, hooks, protocol, signals, tracking, tracking_store
 from lenet_sweep.checkpoint import FILE as CHECKPOINT_FILE
 from lenet_sweep.checkpoint import Checkpoint, identity
-from lenet_sweep.data import Split, load_split
+from lenet_sweep.data import Split, load_splits
 from lenet_sweep.models import build
 from lenet_sweep.train import TrainResult, train
 from lenet_sweep.trial_link import TrialLink
@@ -101,14 +101,14 @@ class Job:
             # converting the idx files release the GIL, importing MLflow holds it (on 2 cores
             # both done 0.12-0.35 s sooner; a tiny run 0.07 s). On CUDA, unmeasured, it loads
             # after, as it did.
-            splits = pool.submit(_load_splits, data_cfg, device) if device.type == "cpu" else None
+            splits = pool.submit(load_splits, data_cfg, device) if device.type == "cpu" else None
             experiment_id = tracking_store.prepare_experiment(uri, cfg.mlflow.experiment)
             tracking_store.repair_orphaned_runs(uri, experiment_id)
         hydra_job = HydraJob.current()
         link = TrialLink.current(hydra_job.sweeper_cfg)
 
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
-        train_split, test_split = splits.result() if splits else _load_splits(data_cfg, device)
+        train_split, test_split = splits.result() if splits else load_splits(data_cfg, device)
         net, optimizer = build(cfg, device)
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
 
@@ -165,11 +165,6 @@ class Job:
             self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
             self.link.completed(result.train_time_s + result.eval_time_s)
         return result.metrics()
-
-
-def _load_splits(data_cfg: DictConfig, device) -> tuple[Split, Split]:
-    """The training and the test split (data.load_split)."""
-    return tuple(load_split(data_cfg, train=train, device=device) for train in (True, False))
 
 
 @contextlib.contextmanager

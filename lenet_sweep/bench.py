@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT, optim
-from lenet_sweep.data import FILES, _decompressed, _find, load_split
+from lenet_sweep.data import FILES, _decompressed, _find, load_splits
 from lenet_sweep.models import init_xavier, lenet, place
 
 LR, BATCH = 0.9, 256
@@ -126,7 +126,7 @@ def seed_path(epochs: int, device: torch.device) -> dict:
 # --- (b)-(d) this project's trainers -------------------------------------------------------------
 def _splits(device):
     cfg = _data_cfg()
-    return load_split(cfg, True, device), load_split(cfg, False, device)
+    return load_splits(cfg, device)
 
 
 def _net(seed: int, device):

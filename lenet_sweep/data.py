@@ -170,6 +170,11 @@ def load_split(data_cfg, train: bool, device: torch.device) -> Split:
     return _load_split(OmegaConf.to_yaml(data_cfg, resolve=True), train, str(device))
 
 
+def load_splits(data_cfg, device: torch.device) -> tuple[Split, Split]:
+    """The training and the test split (load_split)."""
+    return load_split(data_cfg, True, device), load_split(data_cfg, False, device)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_split(data_yaml: str, train: bool, device: str) -> Split:
     from omegaconf import OmegaConf

@@ -107,11 +107,12 @@ def test_the_cpu_splits_load_beside_the_store_and_its_error_comes_first(
     thread is joined either way."""
     import threading
 
+    from lenet_sweep import data
     from lenet_sweep.errors import UserError
 
     loaded_in = []
-    real_load = app.load_split
-    monkeypatch.setattr(app, "load_split", lambda *a, **kw: loaded_in.append(
+    real_load = data.load_split
+    monkeypatch.setattr(data, "load_split", lambda *a, **kw: loaded_in.append(
         threading.current_thread().name) or real_load(*a, **kw))  # fmt: skip
     job = app.Job.prepare(make_cfg("device=cpu"))
     job.mlrun.close()

@@ -10,7 +10,7 @@ own.
 
 On CUDA a 2x2/stride-2 average pool runs as a reshape and a mean: the same numbers as
 AvgPool2d, and its backward is a broadcast instead of avg_pool2d's slow backward kernel. On the
-CPU it is cpu_pool's C kernel (the same numbers again), or AvgPool2d where that is not built.
+CPU it is cpu_kernels' C pool (the same numbers again), or AvgPool2d where that is not built.
 
 Supported: nn.Sequential of Conv2d (zero padding), Linear, Flatten, elementwise activations and
 2-D pools, i.e. lenet and lenet_relu. Anything else returns None from `compile_sequential`, and
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lenet_sweep.cpu_pool import avg_pool2x2
+from lenet_sweep.cpu_kernels import avg_pool2x2
 from lenet_sweep.models import to_channels_last
 
 ELEMENTWISE = (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Identity)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lenet_sweep import host_memory, signals, startup_gc
-from lenet_sweep.cpu_pool import c_pools
+from lenet_sweep.cpu_kernels import c_kernels
 from lenet_sweep.data import Split
 from lenet_sweep.models import channels_last_gradients, nchw_input_gradients
 from lenet_sweep.optim import Optimizer
@@ -103,9 +103,9 @@ def training_begins(device: torch.device) -> None:
 @contextlib.contextmanager
 def _cpu_kernels(net: nn.Module):
     """On the CPU: Flatten hands its gradient back channels-last, convolutions with few input
-    channels compute their input gradient in NCHW order (models.py says why, for each), and 2x2
-    average pools run a C kernel (cpu_pool.py)."""
-    with channels_last_gradients(), nchw_input_gradients(net), c_pools(net):
+    channels compute their input gradient in NCHW order (models.py says why, for each), and the
+    first block's convolution and pools run C kernels (cpu_kernels.py)."""
+    with channels_last_gradients(), nchw_input_gradients(net), c_kernels(net):
         yield
 
 

@@ -1,6 +1,7 @@
 /* LeNet's first block on the CPU: the 2x2 average pools (forward and backward, torch's own
  * arithmetic in the same order, so the same bits) and the 5x5 convolution of a one-channel
- * image (forward and weight gradient); lenet_sweep/cpu_kernels.py says why and uses them.
+ * image, or of each channel in its own group (a fused group's members), forward and weight
+ * gradient; lenet_sweep/cpu_kernels.py says why and uses them.
  *
  * float32 tensors; pointers come from Tensor.data_ptr(), strides in elements in (N, C, H, W)
  * order. The GIL is released while the loops run on `threads` OpenMP threads: torch's own
@@ -58,7 +59,7 @@ static void pool_backward(const float *gy, float *gx, int64_t N, int64_t C, int6
     }
 }
 
-/* ---- 5x5 convolution of one input channel, stride 1, zero padding P --------------------- */
+/* ---- 5x5 convolution, one input channel per group, stride 1, zero padding P ------------- */
 /* Each image is zero-padded into rows S floats apart (S: a multiple of V), and an output
  * channel is computed on the OH x S grid as V-float vectors: out[i] = bias + sum over the 25
  * taps, in row order, of xp[i + kh * S + kw] * w[kh][kw]; the columns past OW are dropped. */
@@ -72,9 +73,17 @@ typedef float vec __attribute__((vector_size(V * sizeof(float)), aligned(sizeof(
 
 static int64_t grid_stride(int64_t W, int64_t P) { return (W + 2 * P + V - 1) / V * V; }
 
-static void pad_image(const float *x, float *xp, int64_t H, int64_t W, int64_t P, int64_t S) {
+/* One channel of an image (its rows sh, its columns sw apart) into the zero-padded grid. */
+static void pad_image(const float *x, int64_t sh, int64_t sw, float *xp, int64_t H, int64_t W,
+                      int64_t P, int64_t S) {
     memset(xp, 0, sizeof(float) * (H + 2 * P + 1) * S); /* a spare row: the last taps' reads */
-    for (int64_t h = 0; h < H; h++) memcpy(xp + (h + P) * S + P, x + h * W, sizeof(float) * W);
+    for (int64_t h = 0; h < H; h++) {
+        float *row = xp + (h + P) * S + P;
+        if (sw == 1)
+            memcpy(row, x + h * sh, sizeof(float) * W);
+        else
+            for (int64_t w = 0; w < W; w++) row[w] = x[h * sh + w * sw];
+    }
 }
 
 CLONES static void conv_channel(const float *xp, const float *w, float bias, float *out,
@@ -102,18 +111,22 @@ CLONES static void conv_channel(const float *xp, const float *w, float bias, flo
     }
 }
 
-/* y (N, O, OH, OW) contiguous from x (N, 1, H, W) contiguous, w (O, 1, 5, 5), bias (O) or NULL */
-static void conv_forward(const float *x, const float *w, const float *bias, float *y, int64_t N,
-                         int64_t H, int64_t W, int64_t O, int64_t P, int threads) {
+/* y (N, G*M, OH, OW) contiguous from x (N, G, H, W) with strides sx, w (G*M, 1, 5, 5) and bias
+ * (G*M) or NULL contiguous: output channel c reads input channel c / M. */
+static void conv_forward(const float *x, const int64_t *sx, const float *w, const float *bias,
+                         float *y, int64_t N, int64_t G, int64_t H, int64_t W, int64_t M,
+                         int64_t P, int threads) {
     const int64_t S = grid_stride(W, P), OH = H + 2 * P - K + 1, OW = W + 2 * P - K + 1;
+    const int64_t O = G * M;
 #pragma omp parallel num_threads(threads)
     {
         float *xp = malloc(sizeof(float) * (H + 2 * P + 1) * S);
         float *out = malloc(sizeof(float) * OH * S);
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            pad_image(x + n * H * W, xp, H, W, P, S);
-            for (int64_t c = 0; c < O; c++) {
+        for (int64_t i = 0; i < N * G; i++) { /* image n's channel g */
+            const int64_t n = i / G, g = i % G;
+            pad_image(x + n * sx[0] + g * sx[1], sx[2], sx[3], xp, H, W, P, S);
+            for (int64_t c = g * M; c < (g + 1) * M; c++) {
                 conv_channel(xp, w + c * T, bias ? bias[c] : 0.0f, out, OH * S / V, S);
                 float *yc = y + (n * O + c) * OH * OW;
                 for (int64_t r = 0; r < OH; r++)
@@ -140,29 +153,34 @@ CLONES static void wgrad_channel(const float *xp, const float *g, vec *acc, int6
     for (int t = 0; t <= T; t++) acc[t] = a[t];
 }
 
-/* dw (O, 1, 5, 5) and db (O) or NULL from x (N, 1, H, W) and gy (N, O, OH, OW), contiguous.
- * Each thread sums its (static) share of the images; the threads' sums and a vector's lanes
- * are then added in a fixed order: the same bits for the same thread count. */
-static int conv_weight_grad(const float *x, const float *gy, float *dw, float *db, int64_t N,
-                            int64_t H, int64_t W, int64_t O, int64_t P, int threads) {
+/* dw (G*M, 1, 5, 5) and db (G*M) or NULL from x (N, G, H, W) with strides sx and gy (N, G*M,
+ * OH, OW) contiguous. Each thread sums its (static) share of the images' channels; the threads'
+ * sums and a vector's lanes are then added in a fixed order: the same bits for the same thread
+ * count. */
+static int conv_weight_grad(const float *x, const int64_t *sx, const float *gy, float *dw,
+                            float *db, int64_t N, int64_t G, int64_t H, int64_t W, int64_t M,
+                            int64_t P, int threads) {
     const int64_t S = grid_stride(W, P), OH = H + 2 * P - K + 1, OW = W + 2 * P - K + 1;
+    const int64_t O = G * M;
     vec *acc = calloc((size_t)threads * O * (T + 1), sizeof(vec));
     if (!acc) return -1;
 #pragma omp parallel num_threads(threads)
     {
         float *xp = malloc(sizeof(float) * (H + 2 * P + 1) * S);
-        float *g = calloc(OH * S, sizeof(float));
+        float *grid = calloc(OH * S, sizeof(float)); /* a channel's gradient, zeros past OW */
         vec *mine = acc + (int64_t)omp_get_thread_num() * O * (T + 1);
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            pad_image(x + n * H * W, xp, H, W, P, S);
-            for (int64_t c = 0; c < O; c++) {
+        for (int64_t i = 0; i < N * G; i++) { /* image n's channel g */
+            const int64_t n = i / G, g = i % G;
+            pad_image(x + n * sx[0] + g * sx[1], sx[2], sx[3], xp, H, W, P, S);
+            for (int64_t c = g * M; c < (g + 1) * M; c++) {
                 const float *gc = gy + (n * O + c) * OH * OW;
-                for (int64_t r = 0; r < OH; r++) memcpy(g + r * S, gc + r * OW, sizeof(float) * OW);
-                wgrad_channel(xp, g, mine + c * (T + 1), OH * S / V, S);
+                for (int64_t r = 0; r < OH; r++)
+                    memcpy(grid + r * S, gc + r * OW, sizeof(float) * OW);
+                wgrad_channel(xp, grid, mine + c * (T + 1), OH * S / V, S);
             }
         }
-        free(xp), free(g);
+        free(xp), free(grid);
     }
     for (int64_t c = 0; c < O; c++)
         for (int t = 0; t <= T; t++) {
@@ -214,40 +232,46 @@ static PyObject *pool(PyObject *args, int backward) {
 static PyObject *py_pool_forward(PyObject *self, PyObject *args) { return pool(args, 0); }
 static PyObject *py_pool_backward(PyObject *self, PyObject *args) { return pool(args, 1); }
 
-static int conv_sizes_ok(long long n, long long h, long long w, long long o, long long p,
-                         int threads) {
-    if (n < 0 || o < 1 || p < 0 || h + 2 * p < K || w + 2 * p < K || threads < 1) {
+static int conv_sizes_ok(long long n, long long g, long long h, long long w, long long m,
+                         long long p, int threads) {
+    if (n < 0 || g < 1 || m < 1 || p < 0 || h + 2 * p < K || w + 2 * p < K || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "bad sizes for a 5x5 convolution");
         return 0;
     }
     return 1;
 }
 
-/* conv_forward(x, w, bias or 0, y, N, H, W, O, P, threads) */
+/* conv_forward(x, x_strides, w, bias or 0, y, N, G, H, W, M, P, threads) */
 static PyObject *py_conv_forward(PyObject *self, PyObject *args) {
     unsigned long long x, w, b, y;
-    long long n, h, wd, o, p;
+    long long n, g, h, wd, m, p;
+    PyObject *strides;
+    int64_t sx[4];
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLLi", &x, &w, &b, &y, &n, &h, &wd, &o, &p, &threads) ||
-        !conv_sizes_ok(n, h, wd, o, p, threads))
+    if (!PyArg_ParseTuple(args, "KO!KKKLLLLLLi", &x, &PyTuple_Type, &strides, &w, &b, &y, &n, &g,
+                          &h, &wd, &m, &p, &threads) ||
+        parse_strides(strides, sx) || !conv_sizes_ok(n, g, h, wd, m, p, threads))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    conv_forward(PTR(x), PTR(w), b ? PTR(b) : NULL, PTR(y), n, h, wd, o, p, threads);
+    conv_forward(PTR(x), sx, PTR(w), b ? PTR(b) : NULL, PTR(y), n, g, h, wd, m, p, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* conv_weight_grad(x, gy, dw, db or 0, N, H, W, O, P, threads) */
+/* conv_weight_grad(x, x_strides, gy, dw, db or 0, N, G, H, W, M, P, threads) */
 static PyObject *py_conv_weight_grad(PyObject *self, PyObject *args) {
     unsigned long long x, gy, dw, db;
-    long long n, h, wd, o, p;
+    long long n, g, h, wd, m, p;
+    PyObject *strides;
+    int64_t sx[4];
     int threads, status;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLLi", &x, &gy, &dw, &db, &n, &h, &wd, &o, &p, &threads) ||
-        !conv_sizes_ok(n, h, wd, o, p, threads))
+    if (!PyArg_ParseTuple(args, "KO!KKKLLLLLLi", &x, &PyTuple_Type, &strides, &gy, &dw, &db, &n,
+                          &g, &h, &wd, &m, &p, &threads) ||
+        parse_strides(strides, sx) || !conv_sizes_ok(n, g, h, wd, m, p, threads))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = conv_weight_grad(PTR(x), PTR(gy), PTR(dw), db ? PTR(db) : NULL, n, h, wd, o, p,
-                              threads);
+    status = conv_weight_grad(PTR(x), sx, PTR(gy), PTR(dw), db ? PTR(db) : NULL, n, g, h, wd, m,
+                              p, threads);
     Py_END_ALLOW_THREADS
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -259,9 +283,11 @@ static PyMethodDef methods[] = {
     {"pool_backward", py_pool_backward, METH_VARARGS,
      "pool_backward(gy, gx, N, C, H, W, gy_strides, gx_strides, threads): the input gradient"},
     {"conv_forward", py_conv_forward, METH_VARARGS,
-     "conv_forward(x, w, bias, y, N, H, W, O, P, threads): a 5x5 convolution of one channel"},
+     "conv_forward(x, x_strides, w, bias, y, N, G, H, W, M, P, threads): a 5x5 convolution, "
+     "M outputs from each of G input channels"},
     {"conv_weight_grad", py_conv_weight_grad, METH_VARARGS,
-     "conv_weight_grad(x, gy, dw, db, N, H, W, O, P, threads): its weight and bias gradients"},
+     "conv_weight_grad(x, x_strides, gy, dw, db, N, G, H, W, M, P, threads): its weight and "
+     "bias gradients"},
     {NULL, NULL, 0, NULL},
 };
 

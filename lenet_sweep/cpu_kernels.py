@@ -89,7 +89,7 @@ class _AvgPool2x2(torch.autograd.Function):
         return grad_x
 
 
-# --- 5x5 convolution of a one-channel image ---------------------------------------------------
+# --- 5x5 convolution of one input channel per group ------------------------------------------
 
 
 def is_conv5x5_of_one_channel(module: nn.Module) -> bool:
@@ -101,30 +101,44 @@ def is_conv5x5_of_one_channel(module: nn.Module) -> bool:
             and _pair(module.padding)[0] == _pair(module.padding)[1])  # fmt: skip
 
 
+def conv5x5_per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        padding: int) -> torch.Tensor:  # fmt: skip
+    """F.conv2d(x, weight, bias, 1, padding, groups=x's channels) for 5x5 weights with one input
+    channel per group (LeNet's first convolution; a fused group's, each member a group), through
+    the C kernel for a float32 CPU image that needs no gradient (the data: it computes none)."""
+    if not conv_runs_in_c(x):
+        return F.conv2d(x, weight, bias, 1, padding, 1, x.shape[1])
+    return _Conv5x5PerChannel.apply(x, weight, bias, padding)
+
+
+def conv_runs_in_c(x: torch.Tensor) -> bool:
+    """Whether `conv5x5_per_channel` takes the C kernel for the image `x`."""
+    return (built() and _cpu_float(x) and x.dim() == 4 and not x.requires_grad
+            and not torch.is_autocast_enabled("cpu"))  # fmt: skip
+
+
 def _conv_in_c(conv: nn.Conv2d):
-    """The module's forward: the C convolution for a float32 CPU image that needs no gradient
-    (the data: the kernel computes no input gradient), else the module's own."""
+    """The module's forward: `conv5x5_per_channel`, or the module's own for an image that needs
+    a gradient (which nchw_input_gradients may have changed)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if (not _cpu_float(x) or x.dim() != 4 or x.requires_grad or x.shape[1] != 1
-                or torch.is_autocast_enabled("cpu")):  # fmt: skip
+        if x.requires_grad or x.dim() != 4:
             return nn.Conv2d.forward(conv, x)
-        return _Conv5x5OfOneChannel.apply(x, conv.weight, conv.bias, _pair(conv.padding)[0])
+        return conv5x5_per_channel(x, conv.weight, conv.bias, _pair(conv.padding)[0])
 
     return forward
 
 
-class _Conv5x5OfOneChannel(torch.autograd.Function):
+class _Conv5x5PerChannel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding: int):
-        x = x.contiguous()  # one channel: NCHW and channels-last are the same bytes
         weight = weight.contiguous()
-        n, _, h, w = x.shape
+        n, g, h, w = x.shape
         o = weight.shape[0]
         y = torch.empty((n, o, h + 2 * padding - 4, w + 2 * padding - 4))
-        _cpu_kernels.conv_forward(x.data_ptr(), weight.data_ptr(),
+        _cpu_kernels.conv_forward(x.data_ptr(), x.stride(), weight.data_ptr(),
                                   0 if bias is None else bias.contiguous().data_ptr(),
-                                  y.data_ptr(), n, h, w, o, padding, _threads())  # fmt: skip
+                                  y.data_ptr(), n, g, h, w, o // g, padding, _threads())  # fmt: skip
         ctx.save_for_backward(x)
         ctx.weight_shape, ctx.has_bias, ctx.padding = weight.shape, bias is not None, padding
         return y
@@ -132,14 +146,14 @@ class _Conv5x5OfOneChannel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        n, _, h, w = x.shape
+        n, g, h, w = x.shape
         o = ctx.weight_shape[0]
         grad = grad.contiguous()
         grad_w = torch.empty(ctx.weight_shape)
         grad_b = torch.empty(o) if ctx.has_bias else None
-        _cpu_kernels.conv_weight_grad(x.data_ptr(), grad.data_ptr(), grad_w.data_ptr(),
-                                      0 if grad_b is None else grad_b.data_ptr(), n, h, w, o,
-                                      ctx.padding, _threads())  # fmt: skip
+        _cpu_kernels.conv_weight_grad(x.data_ptr(), x.stride(), grad.data_ptr(), grad_w.data_ptr(),
+                                      0 if grad_b is None else grad_b.data_ptr(), n, g, h, w,
+                                      o // g, ctx.padding, _threads())  # fmt: skip
         return None, grad_w, grad_b, None
 
 

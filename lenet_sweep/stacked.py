@@ -10,7 +10,8 @@ own.
 
 On CUDA a 2x2/stride-2 average pool runs as a reshape and a mean: the same numbers as
 AvgPool2d, and its backward is a broadcast instead of avg_pool2d's slow backward kernel. On the
-CPU it is cpu_kernels' C pool (the same numbers again), or AvgPool2d where that is not built.
+CPU it is cpu_kernels' C pool (the same numbers again), or AvgPool2d where that is not built;
+there the first convolution, one image channel per member, is cpu_kernels' too.
 
 Supported: nn.Sequential of Conv2d (zero padding), Linear, Flatten, elementwise activations and
 2-D pools, i.e. lenet and lenet_relu. Anything else returns None from `compile_sequential`, and
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lenet_sweep.cpu_kernels import avg_pool2x2
+from lenet_sweep import cpu_kernels
 from lenet_sweep.models import to_channels_last
 
 ELEMENTWISE = (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Identity)
@@ -35,11 +36,16 @@ Layer = Callable[[Params, torch.Tensor], torch.Tensor]
 
 
 def _conv(name: str, conv: nn.Conv2d) -> Layer:
+    in_c = cpu_kernels.is_conv5x5_of_one_channel(conv)  # each member's image a group of one
+
     def layer(params: Params, x: torch.Tensor) -> torch.Tensor:  # x: (B, K*C, H, W)
         w = params[f"{name}.weight"]  # (K, O, C/groups, kh, kw)
         k = w.shape[0]
         b = params.get(f"{name}.bias")
         w = w.reshape(-1, *w.shape[2:])
+        if in_c and cpu_kernels.conv_runs_in_c(x):
+            return cpu_kernels.conv5x5_per_channel(x, w, None if b is None else b.reshape(-1),
+                                                   _pair(conv.padding)[0])  # fmt: skip
         if x.device.type == "cpu" and x.shape[1] == 1:
             # Channels-last, as models.place puts a net's: one member's single-channel input
             # says no layout, and oneDNN then ran its whole first block NCHW (a step of one
@@ -65,7 +71,7 @@ def _pool(pool: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def mean_pool(x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         if x.device.type == "cpu":  # faster than a mean there (NCHW: 1.2 against 7.8 ms forward)
-            return avg_pool2x2(x)
+            return cpu_kernels.avg_pool2x2(x)
         if h % 2 or w % 2 or not x.is_contiguous():
             return pool(x)
         return x.reshape(b, c, h // 2, 2, w // 2, 2).mean((3, 5))

@@ -58,19 +58,25 @@ def test_other_inputs_take_torchs_pool(why):
     assert torch.equal(out, F.avg_pool2d(x, 2, 2))
 
 
-@pytest.mark.parametrize("n, o, h, w, padding", [(256, 6, 28, 28, 2), (7, 3, 9, 13, 0),
-                                                 (5, 16, 17, 30, 3)])  # fmt: skip
-def test_conv_is_exact_within_rounding_and_the_same_every_time(n, o, h, w, padding):
+@pytest.mark.parametrize("n, groups, o, h, w, padding", [(256, 1, 6, 28, 28, 2), (7, 1, 3, 9, 13, 0),
+                                                         (5, 1, 16, 17, 30, 3),
+                                                         (6, 4, 24, 28, 28, 2)])  # fmt: skip
+def test_conv_is_exact_within_rounding_and_the_same_every_time(n, groups, o, h, w, padding):
+    """One image channel (LeNet's first convolution) or one per group (a fused group's, its
+    input channels-last): float64's numbers within float32 rounding, the same bits each time."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(1, o, 5, padding=padding)
-    x = torch.rand(n, 1, h, w)
+    conv = nn.Conv2d(groups, o, 5, padding=padding, groups=groups)
+    x = torch.rand(n, groups, h, w).contiguous(memory_format=CL)
     grad_out = torch.randn(n, o, h + 2 * padding - 4, w + 2 * padding - 4)
-    forward = cpu_kernels._conv_in_c(conv)
+
+    def forward(x):
+        return cpu_kernels.conv5x5_per_channel(x, conv.weight, conv.bias, padding)
+
     outs, grads = [], []
     for _ in range(2):
         conv.zero_grad()
         out = forward(x)
-        assert out.grad_fn.name() == "_Conv5x5OfOneChannelBackward"
+        assert out.grad_fn.name() == "_Conv5x5PerChannelBackward"
         out.backward(grad_out)
         outs.append(out)
         grads.append([conv.weight.grad.clone(), conv.bias.grad.clone()])
@@ -127,7 +133,7 @@ def test_training_steps_with_the_kernels_are_torchs_within_rounding_and_repeat(m
         return net, first_block
 
     (ours, ran), (again, _) = trained(), trained()
-    assert ran == ["_Conv5x5OfOneChannelBackward", "_AvgPool2x2Backward"]
+    assert ran == ["_Conv5x5PerChannelBackward", "_AvgPool2x2Backward"]
     monkeypatch.setattr(cpu_kernels, "_cpu_kernels", None)  # not built: torch's kernels
     theirs, ran = trained()
     assert ran == ["ConvolutionBackward0", "AvgPool2DBackward0"]

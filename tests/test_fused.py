@@ -282,9 +282,12 @@ def test_the_written_out_steps_channels_last_gradient_changes_no_number(monkeypa
     assert all(torch.equal(fixed[name], plain[name]) for name in params)
 
 
-def test_one_members_convolutions_run_channels_last_as_the_eager_nets_do():
-    """One member's input has a single channel, which says no layout: the weights say it, as a
-    placed net's do (models.place), or oneDNN ran the member's first block NCHW, slower."""
+def test_one_members_first_convolution_is_the_eager_nets(monkeypatch):
+    """A member's first convolution is the eager net's, bit for bit: cpu_kernels' C one where it
+    is built; else oneDNN's, channels-last: one member's input has a single channel, which says
+    no layout, so the weights say it, as a placed net's do (models.place), or oneDNN ran the
+    member's first block NCHW, slower."""
+    from lenet_sweep import cpu_kernels
     from lenet_sweep.models import lenet, place
     from lenet_sweep.stacked import _conv, grouped_input
 
@@ -292,6 +295,9 @@ def test_one_members_convolutions_run_channels_last_as_the_eager_nets_do():
     net = place(lenet(), torch.device("cpu"))
     params = {name: p.detach().unsqueeze(0) for name, p in net.named_parameters()}
     x = grouped_input(torch.randn(1, 8, 1, 28, 28), 1)
+    with cpu_kernels.c_kernels(net):
+        assert torch.equal(_conv("0", net[0])(params, x), net[0](x))
+    monkeypatch.setattr(cpu_kernels, "_cpu_kernels", None)  # not built: oneDNN's
     out = _conv("0", net[0])(params, x)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, net[0](x))  # the eager net's first convolution, bit for bit

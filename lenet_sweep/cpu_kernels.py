@@ -26,6 +26,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 try:  # built by pip from _cpu_kernels.c; optional (no compiler: torch's kernels)
     from lenet_sweep import _cpu_kernels
@@ -36,10 +37,6 @@ except ImportError:
 def built() -> bool:
     """Whether pip built the C kernels for this interpreter."""
     return _cpu_kernels is not None
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, tuple | list) else (v, v)
 
 
 def _threads() -> int:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from lenet_sweep import cpu_kernels
 from lenet_sweep.models import to_channels_last
@@ -57,15 +58,9 @@ def _conv(name: str, conv: nn.Conv2d) -> Layer:
     return layer
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, tuple | list) else (v, v)
-
-
 def _pool(pool: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A 2x2/stride-2 AvgPool2d as reshape+mean; any other pool as itself."""
-    plain = isinstance(pool, nn.AvgPool2d) and not (pool.ceil_mode or pool.divisor_override)
-    if not plain or (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)) != (
-        (2, 2), (2, 2), (0, 0)):  # fmt: skip
+    """A 2x2/stride-2 AvgPool2d as reshape+mean (the CPU: cpu_kernels'); any other pool as itself."""
+    if not cpu_kernels.is_pool2x2(pool):
         return pool
 
     def mean_pool(x: torch.Tensor) -> torch.Tensor:

@@ -103,25 +103,25 @@ def conv5x5_per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """F.conv2d(x, weight, bias, 1, padding, groups=x's channels) for 5x5 weights with one input
     channel per group (LeNet's first convolution; a fused group's, each member a group), through
     the C kernel for a float32 CPU image that needs no gradient (the data: it computes none)."""
-    if not conv_runs_in_c(x):
+    if not conv_runs_in_c(x, weight):
         return F.conv2d(x, weight, bias, 1, padding, 1, x.shape[1])
     return _Conv5x5PerChannel.apply(x, weight, bias, padding)
 
 
-def conv_runs_in_c(x: torch.Tensor) -> bool:
+def conv_runs_in_c(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `conv5x5_per_channel` takes the C kernel for the image `x`."""
-    return (built() and _cpu_float(x) and x.dim() == 4 and not x.requires_grad
-            and not torch.is_autocast_enabled("cpu"))  # fmt: skip
+    return (built() and _cpu_float(x) and _cpu_float(weight) and x.dim() == 4
+            and not x.requires_grad and not torch.is_autocast_enabled("cpu"))  # fmt: skip
 
 
 def _conv_in_c(conv: nn.Conv2d):
-    """The module's forward: `conv5x5_per_channel`, or the module's own for an image that needs
-    a gradient (which nchw_input_gradients may have changed)."""
+    """The module's forward: the C kernel where it applies, else the module's own (which
+    nchw_input_gradients may have changed, for an image that needs a gradient)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad or x.dim() != 4:
+        if not conv_runs_in_c(x, conv.weight):
             return nn.Conv2d.forward(conv, x)
-        return conv5x5_per_channel(x, conv.weight, conv.bias, _pair(conv.padding)[0])
+        return _Conv5x5PerChannel.apply(x, conv.weight, conv.bias, _pair(conv.padding)[0])
 
     return forward
 

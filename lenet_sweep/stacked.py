@@ -44,7 +44,7 @@ def _conv(name: str, conv: nn.Conv2d) -> Layer:
         k = w.shape[0]
         b = params.get(f"{name}.bias")
         w = w.reshape(-1, *w.shape[2:])
-        if in_c and cpu_kernels.conv_runs_in_c(x):
+        if in_c and cpu_kernels.conv_runs_in_c(x, w):
             return cpu_kernels.conv5x5_per_channel(x, w, None if b is None else b.reshape(-1),
                                                    _pair(conv.padding)[0])  # fmt: skip
         if x.device.type == "cpu" and x.shape[1] == 1:

@@ -1,12 +1,14 @@
-"""The one exception type users see as a one-line error, and how errors are shown."""
+"""The one exception type users see as a one-line error, and how errors are shown: one line,
+credentials masked."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from hydra.errors import CompactHydraException
 
-from lenet_sweep.urls import mask_url
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
 
 # The user's own HYDRA_FULL_ERROR=1 (keep tracebacks). cli() sets this from the environment
 # before it sets HYDRA_FULL_ERROR for its own use, so it is never read at import.
@@ -22,6 +24,13 @@ class UserError(CompactHydraException):
     """Bad input or environment: the message names the problem and the fix."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+def mask_url(text: str | None) -> str | None:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`, wherever it appears in `text`."""
+    if text is None:
+        return None
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -42,8 +51,16 @@ def one_line(error: BaseException) -> str:
         line = raw.strip()
         if not line:
             continue
-        if line.startswith(("Config search path", "provider=", "full_key:", "object_type=",
-                            "reference_type=", "See https://")):  # fmt: skip
+        if line.startswith(
+            (
+                "Config search path",
+                "provider=",
+                "full_key:",
+                "object_type=",
+                "reference_type=",
+                "See https://",
+            )
+        ):
             continue
         if raw.startswith("\t") and head and head[-1].startswith("Available options"):
             options.append(line)

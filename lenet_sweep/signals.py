@@ -18,7 +18,8 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-_requested: list[int] = []
+_requested: list[int] = []  # the signals received since the outermost stop_on_signals began
+_depth = [0]
 
 
 def _handler(signum, frame):
@@ -45,8 +46,12 @@ def stop_on_signals():
         yield  # signal handlers live in the main thread only (e.g. threaded launchers)
         return
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if not _depth[0]:  # the request was handled: the next run or sweep starts afresh
+            _requested.clear()

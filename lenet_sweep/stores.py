@@ -1,5 +1,6 @@
-"""sqlite stores on disk: writability checked up front, and creation under a lock, so that
-parallel first starts never race to build a store's tables.
+"""sqlite stores on disk, shared by MLflow's store and Optuna's storage: their URLs read in one
+place, writability checked up front, and creation under a lock, so that parallel first starts
+never race to build a store's tables.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lenet_sweep.errors import UserError
-from lenet_sweep.urls import sqlite_path
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(url: str | None) -> Path | None:
+    """The file behind a `sqlite:///…` URL (relative paths stay relative); None for other URLs."""
+    if not url or not url.startswith(SQLITE):
+        return None
+    return Path(url[len(SQLITE) :])
 
 
 def check_writable_dir(folder: Path, what: str, fix: str) -> None:

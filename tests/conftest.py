@@ -30,7 +30,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One sqlite store for the session (creating one costs seconds); tests use own experiments."""
-    from lenet_sweep import tracking_store
+    from lenet_sweep.tracking import store as tracking_store
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     tracking_store.prepare_experiment(uri, "warmup")
@@ -78,9 +78,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
 def run_together(*arg_lists: list[str], timeout: int = 600, env: dict | None = None):
     """`python -m lenet_sweep ARGS` for each list, all started at once: (exit code, output) each."""
     full_env = {**os.environ, **(env or {})}
-    procs = [subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=full_env)
-             for args in arg_lists]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lenet_sweep", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+        )
+        for args in arg_lists
+    ]
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
@@ -93,3 +100,14 @@ def runs_of(mlflow_uri: str, experiment: str):
     if exp is None:
         return client, []
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# A grid of two trials: lr 1e-7 stays below 0.3 after epoch 1 and is pruned, lr 0.003 completes.
+PRUNED_AND_COMPLETE = [
+    "hydra/sweeper/sampler=grid",
+    "hydra/sweeper/pruner=threshold",
+    "hydra.sweeper.pruner.lower=0.3",
+    "model=lenet_relu",
+    "optimizer=adam",
+    "lr=choice(0.003, 0.0000001)",
+]

@@ -39,26 +39,63 @@ class PostgresServer:
         pwfile.write_text(password)
         if os.geteuid() == 0:
             shutil.chown(pwfile, "postgres", "postgres")
-        subprocess.run(_as_postgres([str(self.bin / "initdb"), "-D", str(self.data), "-U", "lenet",
-                                     f"--pwfile={pwfile}", "--auth=scram-sha-256"]),
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l",
-                                     str(self.root / "log"), "-o",
-                                     f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1",
-                                     "start"]), check=True, capture_output=True)  # fmt: skip
-        env = {**os.environ, "PGPASSWORD": password}
-        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                        "lenet", "optuna"], check=True, capture_output=True, env=env)  # fmt: skip
-        return f"postgresql://lenet:{password}@127.0.0.1:{self.port}/optuna"
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "lenet",
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(self.bin / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-w",
+                    "-l",
+                    str(self.root / "log"),
+                    "-o",
+                    f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        return self.create_database("optuna")
 
     def create_database(self, name: str) -> str:
         """Another database on the running server; returns its URL (same credentials)."""
         password = (self.root / "pw").read_text()
         env = {**os.environ, "PGPASSWORD": password}
-        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                        "lenet", name], check=True, capture_output=True, env=env)  # fmt: skip
+        subprocess.run(
+            [
+                str(self.bin / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "lenet",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         return f"postgresql://lenet:{password}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast",
-                                     "stop"]), capture_output=True)  # fmt: skip
+        subprocess.run(
+            _as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"]),
+            capture_output=True,
+        )

@@ -18,7 +18,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from lenet_sweep.search_space import distribution, parse
+from lenet_sweep.sweep.search_space import distribution, parse
 
 SPHERE = """
 import hydra
@@ -85,11 +85,22 @@ BINH_AND_KORN_CONF = _conf(
     x=1,
     y=1,
 )
-CUSTOM_SPACE_CONF = _conf(None, {"sampler": {"seed": 123}, "direction": "minimize",
-                                 "study_name": "custom-search-space", "n_trials": 20, "n_jobs": 1,
-                                 "params": {"x": "range(-5.5, 5.5, 0.5)", "y": "choice(-5, 0, 5)"},
-                                 "custom_search_space": "app.configure"},
-                          x=1, y=1, z=100, max_z_difference_from_x=0.5)  # fmt: skip
+CUSTOM_SPACE_CONF = _conf(
+    None,
+    {
+        "sampler": {"seed": 123},
+        "direction": "minimize",
+        "study_name": "custom-search-space",
+        "n_trials": 20,
+        "n_jobs": 1,
+        "params": {"x": "range(-5.5, 5.5, 0.5)", "y": "choice(-5, 0, 5)"},
+        "custom_search_space": "app.configure",
+    },
+    x=1,
+    y=1,
+    z=100,
+    max_z_difference_from_x=0.5,
+)
 
 BINH_AND_KORN = """
 import hydra
@@ -130,8 +141,13 @@ def _app(tmp_path: Path, source: str, conf: dict | str, *args: str) -> subproces
     (tmp_path / "app.py").write_text(textwrap.dedent(source))
     yaml = OmegaConf.to_yaml(conf) if isinstance(conf, dict) else textwrap.dedent(conf)
     (tmp_path / "conf" / "config.yaml").write_text(yaml)
-    return subprocess.run([sys.executable, "app.py", "--multirun", f"hydra.sweep.dir={tmp_path / 'out'}",
-                           *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "app.py", "--multirun", f"hydra.sweep.dir={tmp_path / 'out'}", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _results(tmp_path: Path) -> DictConfig:
@@ -156,8 +172,12 @@ OFFICIAL = [
     ("key=int(interval(1, 5))", IntDistribution(1, 5), None),
     ("key=tag(log, interval(1, 5))", FloatDistribution(1, 5, log=True), None),
     ("key=tag(log, int(interval(1, 5)))", IntDistribution(1, 5, log=True), None),
-    ("key=range(0.5, 5.5, step=1)", FloatDistribution(0.5, 5.5, step=1), FloatDistribution(0.5, 4.5, step=1)),
-]  # fmt: skip
+    (
+        "key=range(0.5, 5.5, step=1)",
+        FloatDistribution(0.5, 5.5, step=1),
+        FloatDistribution(0.5, 4.5, step=1),
+    ),
+]
 
 
 def _check_distribution(expected, actual) -> None:
@@ -180,11 +200,19 @@ def test_create_optuna_distribution_from_override(override, official, ours) -> N
     [
         (["key=choice(1,2)"], ({"key": CategoricalDistribution([1, 2])}, {})),
         (["key=5"], ({}, {"key": "5"})),
-        (["key1=choice(1,2)", "key2=5"], ({"key1": CategoricalDistribution([1, 2])}, {"key2": "5"})),
-        (["key1=choice(1,2)", "key2=5", "key3=range(1,3)"],
-         ({"key1": CategoricalDistribution([1, 2]), "key3": IntDistribution(1, 3)}, {"key2": "5"})),
+        (
+            ["key1=choice(1,2)", "key2=5"],
+            ({"key1": CategoricalDistribution([1, 2])}, {"key2": "5"}),
+        ),
+        (
+            ["key1=choice(1,2)", "key2=5", "key3=range(1,3)"],
+            (
+                {"key1": CategoricalDistribution([1, 2]), "key3": IntDistribution(1, 3)},
+                {"key2": "5"},
+            ),
+        ),
     ],
-)  # fmt: skip
+)
 def test_create_params_from_overrides(overrides, expected) -> None:
     assert parse(overrides, inclusive_range_end=True) == expected
 
@@ -192,9 +220,16 @@ def test_create_params_from_overrides(overrides, expected) -> None:
 @pytest.mark.parametrize("with_commandline", [True, False])
 def test_optuna_example(with_commandline: bool, tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'test.db'}"
-    args = ["hydra.job.chdir=True", "hydra.sweeper.n_trials=20", "hydra.sweeper.n_jobs=1",
-            f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=test-optuna-example",
-            "hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.seed=123", "~z"]  # fmt: skip
+    args = [
+        "hydra.job.chdir=True",
+        "hydra.sweeper.n_trials=20",
+        "hydra.sweeper.n_jobs=1",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=test-optuna-example",
+        "hydra/sweeper/sampler=tpe",
+        "hydra.sweeper.sampler.seed=123",
+        "~z",
+    ]
     if with_commandline:
         args += ["x=choice(0, 1, 2)", "y=0"]  # y: a fixed parameter
     proc = _app(tmp_path, SPHERE, SPHERE_CONF, *args)
@@ -214,13 +249,24 @@ def test_optuna_example(with_commandline: bool, tmp_path: Path) -> None:
 @pytest.mark.parametrize("num_trials", [10, 1])
 def test_example_with_grid_sampler(tmp_path: Path, num_trials: int) -> None:
     storage = f"sqlite:///{tmp_path / 'test.db'}"
-    proc = _app(tmp_path, SPHERE, GRID_CONF, "hydra.job.chdir=False", f"hydra.sweeper.n_trials={num_trials}",
-                "hydra.sweeper.n_jobs=1", f"hydra.sweeper.storage={storage}",
-                "hydra.sweeper.study_name=test-grid-sampler")  # fmt: skip
+    proc = _app(
+        tmp_path,
+        SPHERE,
+        GRID_CONF,
+        "hydra.job.chdir=False",
+        f"hydra.sweeper.n_trials={num_trials}",
+        "hydra.sweeper.n_jobs=1",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=test-grid-sampler",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     returns = _results(tmp_path)
-    bv, bx, by, bz = (returns["best_value"], returns["best_params"]["x"],
-                      returns["best_params"]["y"], returns["best_params"]["z"])  # fmt: skip
+    bv, bx, by, bz = (
+        returns["best_value"],
+        returns["best_params"]["x"],
+        returns["best_params"]["y"],
+        returns["best_params"]["z"],
+    )
     # Ours: y=range(-1.0, 1.0, step=1) is {-1, 0} (Hydra's exclusive end), a grid of 8 points,
     # so the official num_trials >= 12 branch (y = 1 reachable) never applies.
     assert bx in [-1, 1] and by in [-1, 0] and bv >= 1
@@ -237,8 +283,13 @@ def _dominates(values_x: list[float], values_y: list[float]) -> bool:
 
 @pytest.mark.parametrize("with_commandline", [True, False])
 def test_optuna_multi_objective_example(with_commandline: bool, tmp_path: Path) -> None:
-    args = ["hydra.job.chdir=True", "hydra.sweeper.n_trials=20", "hydra.sweeper.n_jobs=1",
-            "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=123"]  # fmt: skip
+    args = [
+        "hydra.job.chdir=True",
+        "hydra.sweeper.n_trials=20",
+        "hydra.sweeper.n_jobs=1",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=123",
+    ]
     if with_commandline:
         args += ["x=range(0, 5)", "y=range(0, 3)"]
     proc = _app(tmp_path, BINH_AND_KORN, BINH_AND_KORN_CONF, *args)
@@ -256,9 +307,17 @@ def test_optuna_multi_objective_example(with_commandline: bool, tmp_path: Path) 
 
 def test_optuna_custom_search_space_example(tmp_path: Path) -> None:
     max_z_difference_from_x = 0.3
-    proc = _app(tmp_path, CUSTOM_SPACE, CUSTOM_SPACE_CONF, "hydra.job.chdir=True",
-                "hydra.sweeper.n_trials=20", "hydra.sweeper.n_jobs=1", "hydra/sweeper/sampler=random",
-                "hydra.sweeper.sampler.seed=123", f"max_z_difference_from_x={max_z_difference_from_x}")  # fmt: skip
+    proc = _app(
+        tmp_path,
+        CUSTOM_SPACE,
+        CUSTOM_SPACE_CONF,
+        "hydra.job.chdir=True",
+        "hydra.sweeper.n_trials=20",
+        "hydra.sweeper.n_jobs=1",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=123",
+        f"max_z_difference_from_x={max_z_difference_from_x}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     returns = _results(tmp_path)
     assert abs(returns["best_params"]["x"] - returns["best_params"]["z"]) <= max_z_difference_from_x
@@ -269,12 +328,22 @@ def test_optuna_custom_search_space_example(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("max_failure_rate", [0.5, 1.0])
 def test_failure_rate(max_failure_rate: float, tmp_path: Path) -> None:
-    proc = _app(tmp_path, SPHERE, SPHERE_CONF, "hydra.job.chdir=True", "hydra.sweeper.n_trials=20",
-                "hydra.sweeper.n_jobs=2", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=123",
-                f"hydra.sweeper.max_failure_rate={max_failure_rate}", "error=true")  # fmt: skip
+    proc = _app(
+        tmp_path,
+        SPHERE,
+        SPHERE_CONF,
+        "hydra.job.chdir=True",
+        "hydra.sweeper.n_trials=20",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=123",
+        f"hydra.sweeper.max_failure_rate={max_failure_rate}",
+        "error=true",
+    )
     error_string = "RuntimeError: cfg.error is True"
-    trials = optuna.load_study(storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}",
-                               study_name="sphere").trials  # fmt: skip
+    trials = optuna.load_study(
+        storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}", study_name="sphere"
+    ).trials
     # The official plugin raises the job's error past the rate and ends quietly at 1.0. Ours
     # ends a sweep whose trials all failed with one line naming the last failure and exit 4,
     # at any rate; the rate decides how many trials run first.
@@ -287,7 +356,7 @@ def test_an_app_without_a_trial_node_reports_and_is_pruned(tmp_path: Path) -> No
     """The public `report(value, step)`: a plain app's trials are pruned through it."""
     source = """
     import hydra
-    from lenet_sweep.trial_link import report
+    from lenet_sweep.sweep.trial_link import report
 
 
     @hydra.main(version_base=None, config_path="conf", config_name="config")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lenet_sweep import app
+from lenet_sweep.job import run as app
 from tests.conftest import SMALL, run_cli, runs_of
 
 
@@ -17,12 +17,20 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
     assert run.info.run_name == "lenet sgd lr=0.5 ep=2"  # named from its config
     # the knobs a researcher compares, each once; no bookkeeping
     assert run.data.params == {
-        "lr": "0.5", "epochs": "2", "batch_size": "256", "seed": "42", "precision": "fp32",
+        "lr": "0.5",
+        "epochs": "2",
+        "batch_size": "256",
+        "seed": "42",
+        "precision": "fp32",
         "model": "lenet",
-        "model.activation": "sigmoid", "model.pool": "avg", "model.num_classes": "10",
-        "optimizer": "sgd", "data": "fashion_mnist", "data.train_size": "2048",
+        "model.activation": "sigmoid",
+        "model.pool": "avg",
+        "model.num_classes": "10",
+        "optimizer": "sgd",
+        "data": "fashion_mnist",
+        "data.train_size": "2048",
         "data.test_size": "512",
-    }  # fmt: skip
+    }
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development"  # the MLflow UI opens it on the runs table, not GenAI
     )
@@ -49,8 +57,8 @@ def test_each_run_logs_a_model_that_loads_with_its_accuracy(make_cfg, mlflow_uri
     import mlflow.pytorch
     import torch
 
-    from lenet_sweep.data import load_split
-    from lenet_sweep.train import evaluate_accuracy
+    from lenet_sweep.core.data import load_split
+    from lenet_sweep.core.train import evaluate_accuracy
 
     cfg = make_cfg("epochs=2")
     metrics = app.run(cfg)
@@ -68,14 +76,15 @@ def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
 
     from mlflow.utils import environment, requirements_utils
 
-    from lenet_sweep import tracking, tracking_store
-    from lenet_sweep.models import lenet
+    from lenet_sweep.core.models import lenet
+    from lenet_sweep.tracking import store as tracking_store
+    from lenet_sweep.tracking.runs import TrackedRun
 
     # MLflow fills this map (every installed distribution's files, ~0.5 s) on its first check.
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     check = environment.warn_dependency_requirement_mismatches
     exp = tracking_store.prepare_experiment(mlflow_uri, experiment)
-    with tracking.TrackedRun(mlflow_uri, exp, "model only", {}, None) as run:
+    with TrackedRun(mlflow_uri, exp, "model only", {}, None) as run:
         run.log_model(lenet())
     assert requirements_utils._MODULES_TO_PACKAGES is None  # the scan never ran
     assert environment.warn_dependency_requirement_mismatches is check  # MLflow's own, restored
@@ -99,36 +108,21 @@ def test_run_that_raises_ends_failed(make_cfg, mlflow_uri, experiment, monkeypat
     assert runs[0].data.tags["error"] == "RuntimeError: disk on fire"
 
 
-def test_the_cpu_splits_load_beside_the_store_and_its_error_comes_first(
-    make_cfg, mlflow_uri, experiment, tmp_path, monkeypatch
+def test_a_data_error_comes_before_any_run_and_a_store_error_before_it(
+    make_cfg, mlflow_uri, experiment, tmp_path
 ):
-    """On the CPU the splits load in a thread while MLflow's store opens; a data error still
-    comes after the store's checks (and before any run), a store error wins over it, and the
-    thread is joined either way."""
-    import threading
-
-    from lenet_sweep import data
     from lenet_sweep.errors import UserError
 
-    loaded_in = []
-    real_load = data.load_split
-    monkeypatch.setattr(data, "load_split", lambda *a, **kw: loaded_in.append(
-        threading.current_thread().name) or real_load(*a, **kw))  # fmt: skip
-    job = app.Job.prepare(make_cfg("device=cpu"))
-    job.mlrun.close()
-    assert len(loaded_in) == 2 and all(name.startswith("splits") for name in loaded_in)
-
-    threads = threading.active_count()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="empty: missing train-images-idx3-ubyte"):
         app.Job.prepare(make_cfg("device=cpu", f"data.root={empty}"))
-    assert [r.info.status for r in runs_of(mlflow_uri, experiment)[1]] == ["FINISHED"]
+    assert runs_of(mlflow_uri, experiment)[1] == []
     bad_store = f"sqlite:///{tmp_path / 'no' / 'dir'}/x.db"
     with pytest.raises(UserError, match="MLflow store .* does not exist"):
-        app.Job.prepare(make_cfg("device=cpu", f"data.root={empty}",
-                                 f"mlflow.tracking_uri={bad_store}"))  # fmt: skip
-    assert threading.active_count() == threads
+        app.Job.prepare(
+            make_cfg("device=cpu", f"data.root={empty}", f"mlflow.tracking_uri={bad_store}")
+        )
 
 
 def test_config_composition_and_overrides(make_cfg):
@@ -182,14 +176,15 @@ def test_cli_cfg_job_and_help():
 
 
 def test_training_curves_show_every_epoch_even_one():
-    from lenet_sweep.figures import curves_figure
+    from lenet_sweep.tracking.figures import curves_figure
 
     one = curves_figure([{"epoch": 1, "train_loss": 2.3, "train_acc": 0.1, "test_acc": 0.1}])
     ax = one.axes[0]
     assert [line.get_marker() for line in ax.get_lines()] == ["o", "o", "o"]  # a point shows
     assert ax.get_xlim() == (0.5, 1.5)
-    many = curves_figure([{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_acc": 0.5}
-                          for e in (1, 2, 3)])  # fmt: skip
+    many = curves_figure(
+        [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_acc": 0.5} for e in (1, 2, 3)]
+    )
     assert many.axes[0].get_xlim() == (1, 3)
     assert [len(line.get_xdata()) for line in many.axes[0].get_lines()] == [3, 3, 3]
 
@@ -201,7 +196,7 @@ def test_training_curves_show_every_epoch_even_one():
         ("3", 3, "out|atexit ran|", ""),
         ("'no such thing'", 1, "out|atexit ran|", "no such thing\n"),
         ("None", 0, "out|thread done|atexit ran|", ""),
-    ],  # fmt: skip
+    ],
 )
 def test_the_cli_leaves_as_sys_exit_would(leave, rc, out, err):
     """The CLI skips the interpreter's teardown (about 1 s) but not what an exit must do: the exit
@@ -211,7 +206,7 @@ def test_the_cli_leaves_as_sys_exit_would(leave, rc, out, err):
 
     code = f"""
 import atexit, sys, threading, time
-from lenet_sweep.__main__ import _leave
+from lenet_sweep.speed import leave as _leave
 atexit.register(lambda: print("atexit ran", end="|"))
 print("out", end="|")
 if {leave!r} == "None":

@@ -1,4 +1,4 @@
-"""lenet_sweep.bench's parts that need no timing: the sweep log's phases, the (f) row, the
+"""bench's parts that need no timing: the sweep log's phases, the (f) row, the
 table written as the rows come."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from lenet_sweep.bench import sweep, sweep_phases
+from bench import sweep, sweep_phases
 
 
 def test_sweep_phases_splits_a_sweep_log_at_its_marks():
@@ -25,8 +25,12 @@ def test_sweep_phases_splits_a_sweep_log_at_its_marks():
     ]
     phases = sweep_phases(lines, at("01,000"), at("45,000"))
     assert [(name, round(s, 3)) for name, s in phases] == [
-        ("start-up", 4.0), ("preparing the jobs", 7.5), ("training + hooks + records", 27.5),
-        ("ending the runs", 2.0), ("closing", 3.0)]  # fmt: skip
+        ("start-up", 4.0),
+        ("preparing the jobs", 7.5),
+        ("training + hooks + records", 27.5),
+        ("ending the runs", 2.0),
+        ("closing", 3.0),
+    ]
 
 
 def test_sweep_phases_of_a_sweep_that_never_launched():
@@ -39,9 +43,13 @@ def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
     row = sweep(3, "cpu", tmp_path, overrides=tiny)
     assert row["row"] == "(f) 3-trial fused sweep"
     phases = [part.rsplit(" ", 1) for part in row["note"].split("; ")]
-    assert [name for name, _ in phases] == ["start-up", "preparing the jobs",
-                                            "training + hooks + records", "ending the runs",
-                                            "closing"]  # fmt: skip
+    assert [name for name, _ in phases] == [
+        "start-up",
+        "preparing the jobs",
+        "training + hooks + records",
+        "ending the runs",
+        "closing",
+    ]
     assert abs(sum(float(s) for _, s in phases) - row["wall_s"]) < 0.3  # they fill it
     log = (tmp_path / "sweep3-fp32.log").read_text()
     assert "training 3 trials as one group on cpu" in log and "3 complete" in log
@@ -51,13 +59,14 @@ def test_the_table_is_written_after_every_row(tmp_path, monkeypatch):
     """A bench cut short (the device call's time limit) leaves the rows it finished."""
     import json
 
-    from lenet_sweep import bench
+    import bench
+    from bench import cli
 
     def cut_short():
         raise KeyboardInterrupt  # what the time limit's signal amounts to
 
     first = {"row": "(a) seed's path", "examples_per_s": 1000.0, "wall_s": 1.5}
-    monkeypatch.setattr(bench, "_plan", lambda args, device: [lambda: first, cut_short])
+    monkeypatch.setattr(cli, "_plan", lambda args, device: [lambda: first, cut_short])
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--device=cpu", f"--out={tmp_path}"])
     (md,) = tmp_path.glob("*.md")
@@ -69,15 +78,16 @@ def test_the_bf16_sweep_rows_can_be_left_out(monkeypatch):
     """scripts/device-check's bench fits the device call: its 64-trial sweep in fp32 only."""
     import torch
 
-    from lenet_sweep import bench
+    from bench import cli as bench
 
     made = []
     for name in ("seed_path", "solo", "fused", "sweep"):
         monkeypatch.setattr(bench, name, lambda *a, name=name: made.append((name, *a[-1:])) or {})
     for extra, sweeps in [([], ["fp32", "bf16"]), (["--no-sweep-bf16"], ["fp32"])]:
         made.clear()
-        args = bench.parse_args(["--device=cpu", "--fused=", "--bf16=2", "--sweep=2",
-                                 "--no-processes", *extra])  # fmt: skip
+        args = bench.parse_args(
+            ["--device=cpu", "--fused=", "--bf16=2", "--sweep=2", "--no-processes", *extra]
+        )
         for step in bench._plan(args, torch.device("cpu")):
             step()
         assert [m[-1] for m in made if m[0] == "sweep"] == sweeps
@@ -85,7 +95,7 @@ def test_the_bf16_sweep_rows_can_be_left_out(monkeypatch):
 
 
 def test_start_up_rows_are_the_median_of_repeated_runs():
-    from lenet_sweep import bench
+    from bench import processes as bench
 
     wall, rc, note = bench._median_timed(["-c", "pass"], 3)
     low, high = (
@@ -96,7 +106,7 @@ def test_start_up_rows_are_the_median_of_repeated_runs():
 
 
 def test_the_cpu_run_and_the_seed_process_are_timed_in_alternated_pairs(monkeypatch):
-    from lenet_sweep import bench
+    from bench import processes as bench
 
     calls, timed = [], bench._timed
     ours, seed = ["-c", "pass"], ["-c", "import time; time.sleep(0.4)"]
@@ -110,8 +120,22 @@ def test_the_cpu_run_and_the_seed_process_are_timed_in_alternated_pairs(monkeypa
 
 
 def test_a_failed_process_in_the_pairs_shows_and_no_ratio_is_claimed():
-    from lenet_sweep import bench
+    from bench import processes as bench
 
-    run_row, seed_row = bench._paired(("run", ["-c", "pass"]),
-                                      ("seed", ["-c", "raise SystemExit(3)"]), 1)  # fmt: skip
+    run_row, seed_row = bench._paired(
+        ("run", ["-c", "pass"]), ("seed", ["-c", "raise SystemExit(3)"]), 1
+    )
     assert seed_row["note"] == "exit 3" and run_row["note"] == ""
+
+
+def test_a_speed_setting_is_timed_on_against_off_in_pairs():
+    from bench.speedups import _row
+
+    # exits 0 only where the environment says what the row compares: all on, or all but one
+    check = (
+        "import os, sys; sys.exit(0 if os.environ['LENET_SWEEP_SPEEDUPS'] in "
+        "('all', 'startup_gc,host_memory,channels_last') else 5)"
+    )
+    row = _row("fast_exit", ["-c", check], 2)
+    assert row["note"].startswith("median of 2") and "paired median" in row["note"], row
+    assert _row("startup_gc", ["-c", check], 1)["note"] == "exit 5"  # it ran with the wrong set

@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 
-from lenet_sweep import checkpoint
-from lenet_sweep.checkpoint import Checkpoint, identity
-from lenet_sweep.data import load_split
+from lenet_sweep.config import identity_text as identity
+from lenet_sweep.core import checkpoint
+from lenet_sweep.core.checkpoint import Checkpoint
+from lenet_sweep.core.data import load_split
+from lenet_sweep.core.train import train
 from lenet_sweep.errors import UserError
-from lenet_sweep.models import build
-from lenet_sweep.train import train
+from lenet_sweep.job.job import build_model as build
 
 
 def _splits(cfg):
@@ -24,8 +25,16 @@ def _saved_after(cfg, epochs: int, path):
     """Train `epochs` epochs of cfg, checkpointing into `path` after each."""
     net, opt = build(cfg, torch.device("cpu"))
     hook = lambda state: Checkpoint.capture(state, identity=identity(cfg)).save(path)  # noqa: E731
-    return train(net, opt, *_splits(cfg), epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                 progress=False, hooks=[hook])  # fmt: skip
+    return train(
+        net,
+        opt,
+        *_splits(cfg),
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=False,
+        hooks=[hook],
+    )
 
 
 def test_resume_from_a_checkpoint_equals_the_straight_run(make_cfg, tmp_path):
@@ -36,8 +45,16 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(make_cfg, tmp_path):
     assert found == path and saved.epoch == 1 and len(saved.history) == 1
     assert not list(tmp_path.glob("*.tmp"))  # written through a temp file, then renamed
     net, opt = build(cfg, torch.device("cpu"))
-    resumed = train(net, opt, *_splits(cfg), epochs=3, batch_size=cfg.batch_size, seed=cfg.seed,
-                    progress=False, resume=saved)  # fmt: skip
+    resumed = train(
+        net,
+        opt,
+        *_splits(cfg),
+        epochs=3,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=False,
+        resume=saved,
+    )
     straight = _saved_after(cfg, 3, tmp_path / "other.pt")
     assert resumed.history == straight.history  # bit-identical on CPU
     assert resumed.examples_seen == straight.examples_seen == 3 * 1024

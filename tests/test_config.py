@@ -13,17 +13,35 @@ SINGLE = [
     ("epochs=0", "error: epochs=0: must be an integer >= 1, e.g. epochs=10"),
     ("epochs=2.5", "error: epochs=2.5: must be an integer >= 1, e.g. epochs=10"),
     ("batch_size=0", "error: batch_size=0: must be an integer from 1 to the training set size"),
-    ("batch_size=100000000", "error: batch_size=100000000: must be an integer from 1 to the training set size, e.g. 256 (2048 here)"),
-    ("model=nosuch", "error: In 'config': Could not find 'model/nosuch'; Available options in 'model': lenet, lenet_relu"),
-    ("optimizer=nosuch", "error: In 'config': Could not find 'optimizer/nosuch'; Available options in 'optimizer': adam, sgd"),
-    ("data.root=/no/such/dir", "error: data.root=/no/such/dir: no such directory; point data.root at a folder with the four idx files"),
+    (
+        "batch_size=100000000",
+        "error: batch_size=100000000: must be an integer from 1 to the training set size, e.g. 256 (2048 here)",
+    ),
+    (
+        "model=nosuch",
+        "error: In 'config': Could not find 'model/nosuch'; Available options in 'model': lenet, lenet_relu",
+    ),
+    (
+        "optimizer=nosuch",
+        "error: In 'config': Could not find 'optimizer/nosuch'; Available options in 'optimizer': adam, sgd",
+    ),
+    (
+        "data.root=/no/such/dir",
+        "error: data.root=/no/such/dir: no such directory; point data.root at a folder with the four idx files",
+    ),
     ("device=tpu", "error: device=tpu: unknown device; allowed: auto, cpu, cuda, cuda:N"),
     ("progress=maybe", "error: progress=maybe: must be true or false"),
     ("precision=fp16", "error: precision=fp16: must be fp32 or bf16"),
     ("seed=x", "error: seed=x: must be an integer, e.g. seed=0"),
-    ("data.train_size=0", "error: data.train_size=0: must be null or an integer from 1 to the split's size"),
-    ("no_such_key=1", "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1"),
-]  # fmt: skip
+    (
+        "data.train_size=0",
+        "error: data.train_size=0: must be null or an integer from 1 to the split's size",
+    ),
+    (
+        "no_such_key=1",
+        "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1",
+    ),
+]
 
 
 def _one_line_error(proc) -> str:
@@ -41,8 +59,13 @@ def _one_line_error(proc) -> str:
 def test_bad_input_is_one_line_and_leaves_no_run(
     override, message, mlflow_uri, experiment, tmp_path
 ):
-    proc = run_cli(*SMALL, f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}",
-                   f"hydra.run.dir={tmp_path}", override)  # fmt: skip
+    proc = run_cli(
+        *SMALL,
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"mlflow.experiment={experiment}",
+        f"hydra.run.dir={tmp_path}",
+        override,
+    )
     assert proc.returncode == 2
     assert _one_line_error(proc).startswith(message)
     _, runs = runs_of(mlflow_uri, experiment)
@@ -71,8 +94,11 @@ def test_full_error_shows_the_traceback(tmp_path):
 
 def test_unreachable_tracking_uri_fails_fast_and_masks_password(tmp_path):
     started = time.time()
-    proc = run_cli(*SMALL, f"hydra.run.dir={tmp_path}",
-                   env={"MLFLOW_TRACKING_URI": "http://alice:hunter2@127.0.0.1:9"})  # fmt: skip
+    proc = run_cli(
+        *SMALL,
+        f"hydra.run.dir={tmp_path}",
+        env={"MLFLOW_TRACKING_URI": "http://alice:hunter2@127.0.0.1:9"},
+    )
     assert proc.returncode == 2
     line = _one_line_error(proc)
     assert line.startswith("error: MLflow tracking URI http://alice:***@127.0.0.1:9 is not usable")
@@ -82,9 +108,15 @@ def test_unreachable_tracking_uri_fails_fast_and_masks_password(tmp_path):
 
 
 def _sweep_args(tmp_path, mlflow_uri, experiment, *extra):
-    return ["-m", *SMALL, f"hydra.sweep.dir={tmp_path / 'm'}", f"mlflow.tracking_uri={mlflow_uri}",
-            f"mlflow.experiment={experiment}", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
-            *extra]  # fmt: skip
+    return [
+        "-m",
+        *SMALL,
+        f"hydra.sweep.dir={tmp_path / 'm'}",
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"mlflow.experiment={experiment}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+        *extra,
+    ]
 
 
 def test_empty_search_interval(tmp_path, mlflow_uri, experiment):
@@ -111,14 +143,29 @@ def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experim
     ("override", "message"),
     [
         ("hydra.sweeper.n_trials=0", "error: hydra.sweeper.n_trials=0: must be an integer >= 1"),
-        ("hydra.sweeper.n_trials=abc", "error: hydra.sweeper.n_trials=abc: must be an integer >= 1"),
-        ("hydra.sweeper.max_failure_rate=2", "error: hydra.sweeper.max_failure_rate=2: must be a number in [0, 1]"),
-        ("hydra.sweeper.direction=up", "error: hydra.sweeper.direction=up: must be maximize, minimize or a list of them"),
+        (
+            "hydra.sweeper.n_trials=abc",
+            "error: hydra.sweeper.n_trials=abc: must be an integer >= 1",
+        ),
+        (
+            "hydra.sweeper.max_failure_rate=2",
+            "error: hydra.sweeper.max_failure_rate=2: must be a number in [0, 1]",
+        ),
+        (
+            "hydra.sweeper.direction=up",
+            "error: hydra.sweeper.direction=up: must be maximize, minimize or a list of them",
+        ),
         ("hydra.sweeper.nope=1", "error: Could not override 'hydra.sweeper.nope'"),
-        ("hydra.sweeper.direction=[maximize,minimize] hydra/sweeper/pruner=median", "error: hydra.sweeper.pruner: Optuna cannot prune a study with several objectives; use hydra/sweeper/pruner=none or one direction"),
-        ("hydra.sweeper.direction=[maximize,minimize,maximize]", "error: hydra.sweeper.objectives=['test_acc', 'train_time_s']: name one metric per direction (3), e.g. [test_acc, train_time_s]"),
+        (
+            "hydra.sweeper.direction=[maximize,minimize] hydra/sweeper/pruner=median",
+            "error: hydra.sweeper.pruner: Optuna cannot prune a study with several objectives; use hydra/sweeper/pruner=none or one direction",
+        ),
+        (
+            "hydra.sweeper.direction=[maximize,minimize,maximize]",
+            "error: hydra.sweeper.objectives=['test_acc', 'train_time_s']: name one metric per direction (3), e.g. [test_acc, train_time_s]",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_sweeper_setting(override, message, tmp_path, mlflow_uri, experiment):
     proc = run_cli(*_sweep_args(tmp_path, mlflow_uri, experiment, *override.split()))
     assert proc.returncode == 2
@@ -127,7 +174,7 @@ def test_bad_sweeper_setting(override, message, tmp_path, mlflow_uri, experiment
 
 
 def test_mask_url():
-    from lenet_sweep.urls import mask_url
+    from lenet_sweep.errors import mask_url
 
     assert mask_url("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert (

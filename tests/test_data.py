@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from lenet_sweep.data import FILES, load_split
+from lenet_sweep.core.data import FILES, load_split
 from lenet_sweep.errors import UserError
 from tests.conftest import FASHION
 
@@ -60,10 +60,11 @@ def test_corrupted_file_is_rejected_naming_file_and_checksum(make_cfg, copied_ro
     assert "\n" not in msg
 
 
-def test_gz_files_are_decompressed_once_and_a_damaged_copy_again(make_cfg, copied_root,
-                                                                 tmp_path, monkeypatch):  # fmt: skip
+def test_gz_files_are_decompressed_once_and_a_damaged_copy_again(
+    make_cfg, copied_root, tmp_path, monkeypatch
+):
     """The cache spares each start the decompression; what it serves still has its checksum."""
-    from lenet_sweep import data
+    from lenet_sweep.core import data
 
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
     cfg = make_cfg(f"data.root={copied_root}")

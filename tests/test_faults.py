@@ -48,8 +48,17 @@ def test_runs_started_together_on_a_new_store_are_all_recorded(tmp_path):
         db = tmp_path / f"round{round_}" / "mlflow.db"
         db.parent.mkdir()
         uri = f"sqlite:///{db}"
-        results = run_together(*[[*TINY, f"mlflow.tracking_uri={uri}", "mlflow.experiment=e",
-                                  f"hydra.run.dir={db.parent / str(i)}"] for i in range(4)])  # fmt: skip
+        results = run_together(
+            *[
+                [
+                    *TINY,
+                    f"mlflow.tracking_uri={uri}",
+                    "mlflow.experiment=e",
+                    f"hydra.run.dir={db.parent / str(i)}",
+                ]
+                for i in range(4)
+            ]
+        )
         assert [code for code, _ in results] == [0] * 4, "\n".join(o[-1500:] for _, o in results)
         _, runs = runs_of(uri, "e")
         assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
@@ -59,9 +68,16 @@ def test_runs_started_together_on_a_new_store_are_all_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_sweeps_started_together_on_new_stores_share_the_study(tmp_path):
-    args = ["-m", *TINY, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "mlflow.experiment=e", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-            "hydra.sweeper.study_name=s", "hydra.sweeper.n_trials=4", "lr=interval(0.1, 1.0)"]  # fmt: skip
+    args = [
+        "-m",
+        *TINY,
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment=e",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        "hydra.sweeper.study_name=s",
+        "hydra.sweeper.n_trials=4",
+        "lr=interval(0.1, 1.0)",
+    ]
     results = run_together(*[[*args, f"hydra.sweep.dir={tmp_path / str(i)}"] for i in range(2)])
     assert [code for code, _ in results] == [0, 0], "".join(o[-2000:] for _, o in results)
     import optuna
@@ -98,8 +114,13 @@ def test_sqlite_store_in_a_missing_folder_is_refused(folder, tmp_path):
     )
     assert not Path(folder).exists() and not (tmp_path / "r").exists()
 
-    proc = run_cli("-m", *TINY, f"hydra.sweeper.storage={url}", f"hydra.sweep.dir={tmp_path / 'm'}",
-                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+    proc = run_cli(
+        "-m",
+        *TINY,
+        f"hydra.sweeper.storage={url}",
+        f"hydra.sweep.dir={tmp_path / 'm'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     assert proc.returncode == 2
     assert _one_line(proc).startswith(
         f"error: Optuna storage {url}: folder {folder} does not exist"
@@ -133,11 +154,19 @@ def test_unwritable_outputs_are_refused(tmp_path):
     locked = tmp_path / "outputs"
     locked.mkdir()
     with immutable(locked):
-        single = run_cli(*TINY, f"hydra.run.dir={locked / 'run'}",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
-        sweep = run_cli("-m", *TINY, f"hydra.sweep.dir={locked / 'multirun'}", "lr=interval(0.1, 1.0)",
-                        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+        single = run_cli(
+            *TINY,
+            f"hydra.run.dir={locked / 'run'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        )
+        sweep = run_cli(
+            "-m",
+            *TINY,
+            f"hydra.sweep.dir={locked / 'multirun'}",
+            "lr=interval(0.1, 1.0)",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        )
     assert single.returncode == 2
     assert _one_line(single) == (
         f"error: cannot write {locked / 'run'} (Operation not permitted); make it writable or set "
@@ -153,14 +182,20 @@ def test_unwritable_outputs_are_refused(tmp_path):
 
 
 def test_a_deleted_experiment_is_named_with_the_fix(tmp_path, mlflow_uri, experiment):
-    from lenet_sweep import tracking_store
+    from lenet_sweep.tracking import store as tracking_store
 
     client = tracking_store.client(mlflow_uri)
     client.delete_experiment(tracking_store.prepare_experiment(mlflow_uri, "fresh-" + experiment))
     common = [f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment=fresh-{experiment}"]
     single = run_cli(*TINY, *common, f"hydra.run.dir={tmp_path / 'r'}")
-    sweep = run_cli("-m", *TINY, *common, "lr=interval(0.1, 1.0)", f"hydra.sweep.dir={tmp_path / 'm'}",
-                    f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}")  # fmt: skip
+    sweep = run_cli(
+        "-m",
+        *TINY,
+        *common,
+        "lr=interval(0.1, 1.0)",
+        f"hydra.sweep.dir={tmp_path / 'm'}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+    )
     for proc in (single, sweep):
         assert proc.returncode == 2
         line = _one_line(proc)
@@ -176,14 +211,27 @@ def test_a_deleted_experiment_is_named_with_the_fix(tmp_path, mlflow_uri, experi
     [
         ("lr=inf", "error: lr=inf: must be a finite number > 0, e.g. lr=0.1"),
         ("lr=1e400", "error: lr=inf: must be a finite number > 0, e.g. lr=0.1"),
-        ("data.train_size=100000", "error: data.train_size=100000: must be null or an integer from 1 to the split's size (60000 here)"),
-        ("data.test_size=20000", "error: data.test_size=20000: must be null or an integer from 1 to the split's size (10000 here)"),
-        ("mlflow.experiment=''", "error: mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep"),
+        (
+            "data.train_size=100000",
+            "error: data.train_size=100000: must be null or an integer from 1 to the split's size (60000 here)",
+        ),
+        (
+            "data.test_size=20000",
+            "error: data.test_size=20000: must be null or an integer from 1 to the split's size (10000 here)",
+        ),
+        (
+            "mlflow.experiment=''",
+            "error: mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep",
+        ),
     ],
-)  # fmt: skip
+)
 def test_values_that_slipped_through_are_refused(override, message, tmp_path):
-    proc = run_cli(*SMALL, override, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                   f"hydra.run.dir={tmp_path / 'runs' / 'r'}")  # fmt: skip
+    proc = run_cli(
+        *SMALL,
+        override,
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        f"hydra.run.dir={tmp_path / 'runs' / 'r'}",
+    )
     assert proc.returncode == 2
     assert _one_line(proc) == message
     assert not (tmp_path / "m.db").exists()  # refused before any store was made
@@ -193,17 +241,41 @@ def test_values_that_slipped_through_are_refused(override, message, tmp_path):
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        ("epochs=interval(1.5, 3.5)", "error: epochs: searched over floats in [1.5, 3.5], but epochs must be an integer >= 1, e.g. epochs=10; for integers use int(interval(a, b)) or range(a, b)"),
-        ("lr=tag(log, interval(0.0, 1.0))", "error: lr=tag(log, interval(0.0, 1.0)): log scale needs low > 0"),
-        ("lr=interval(0.0, 1.0)", "error: lr: searched over floats in [0.0, 1.0], but lr must be a finite number > 0, e.g. lr=0.1"),
-        ("lr=choice(0.1, inf)", "error: lr: searched over choice(0.1, inf), but lr must be a finite number > 0, e.g. lr=0.1"),
-        ("model=choice(lenet, resnet)", "error: model: searched over choice(lenet, resnet); resnet is not a model, choose from lenet, lenet_relu"),
-        ("lr=choice()", "error: Error parsing override 'lr=choice()'; ValueError while evaluating 'choice()': empty choice is not legal"),
+        (
+            "epochs=interval(1.5, 3.5)",
+            "error: epochs: searched over floats in [1.5, 3.5], but epochs must be an integer >= 1, e.g. epochs=10; for integers use int(interval(a, b)) or range(a, b)",
+        ),
+        (
+            "lr=tag(log, interval(0.0, 1.0))",
+            "error: lr=tag(log, interval(0.0, 1.0)): log scale needs low > 0",
+        ),
+        (
+            "lr=interval(0.0, 1.0)",
+            "error: lr: searched over floats in [0.0, 1.0], but lr must be a finite number > 0, e.g. lr=0.1",
+        ),
+        (
+            "lr=choice(0.1, inf)",
+            "error: lr: searched over choice(0.1, inf), but lr must be a finite number > 0, e.g. lr=0.1",
+        ),
+        (
+            "model=choice(lenet, resnet)",
+            "error: model: searched over choice(lenet, resnet); resnet is not a model, choose from lenet, lenet_relu",
+        ),
+        (
+            "lr=choice()",
+            "error: Error parsing override 'lr=choice()'; ValueError while evaluating 'choice()': empty choice is not legal",
+        ),
     ],
-)  # fmt: skip
+)
 def test_search_spaces_that_cannot_work_are_refused_before_the_study(space, message, tmp_path):
-    proc = run_cli("-m", *SMALL, space, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
-                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"hydra.sweep.dir={tmp_path / 'x'}")  # fmt: skip
+    proc = run_cli(
+        "-m",
+        *SMALL,
+        space,
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        f"hydra.sweep.dir={tmp_path / 'x'}",
+    )
     assert proc.returncode == 2
     assert _one_line(proc) == message
     assert not (tmp_path / "o.db").exists() and not (tmp_path / "m.db").exists()
@@ -214,11 +286,20 @@ def test_search_spaces_that_cannot_work_are_refused_before_the_study(space, mess
 def test_resume_after_sigint_ends_clean_and_a_longer_resume_is_a_new_run(
     tmp_path, mlflow_uri, experiment
 ):
-    common = [*SMALL, "epochs=5", "data.train_size=8000", f"mlflow.tracking_uri={mlflow_uri}",
-              f"mlflow.experiment={experiment}"]  # fmt: skip
+    common = [
+        *SMALL,
+        "epochs=5",
+        "data.train_size=8000",
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"mlflow.experiment={experiment}",
+    ]
     first = tmp_path / "first"
-    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *common, f"hydra.run.dir={first}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *common, f"hydra.run.dir={first}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     while not (first / "checkpoint.pt").exists():  # epoch 1 done: 4 epochs to go
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)

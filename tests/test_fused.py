@@ -14,13 +14,17 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lenet_sweep import fused, signals, tracking_store
-from lenet_sweep.checkpoint import Checkpoint
-from lenet_sweep.data import load_split
-from lenet_sweep.fused import Member, train_group
-from lenet_sweep.hooks import Diverged, save_checkpoint, stop_on_divergence
-from lenet_sweep.models import build
-from lenet_sweep.train import train
+from lenet_sweep import signals
+from lenet_sweep.core.checkpoint import Checkpoint
+from lenet_sweep.core.data import load_split
+from lenet_sweep.core.hooks import Diverged, save_checkpoint, stop_on_divergence
+from lenet_sweep.core.train import train
+from lenet_sweep.fused import engine, epoch
+from lenet_sweep.fused.engine import Member, train_group
+from lenet_sweep.fused.epoch import Epoch
+from lenet_sweep.job.job import build_model as build
+from lenet_sweep.tracking import store as tracking_store
+from tests.conftest import PRUNED_AND_COMPLETE
 from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 CPU = torch.device("cpu")
@@ -48,8 +52,9 @@ def test_each_member_follows_its_run_alone(trial):
         _, net, optimizer = make(lr, seed)
         members.append(Member(net, optimizer, epochs=epochs, seed=seed))
         _, net, optimizer = make(lr, seed)
-        alone.append(train(net, optimizer, *splits, epochs=epochs, batch_size=256, seed=seed,
-                           progress=False))  # fmt: skip
+        alone.append(
+            train(net, optimizer, *splits, epochs=epochs, batch_size=256, seed=seed, progress=False)
+        )
     train_group(members, *splits, batch_size=256, graph=True)  # graph: ignored on CPU
     for member, solo in zip(members, alone, strict=True):
         fused = member.result.history
@@ -68,8 +73,18 @@ def test_bf16_members_follow_their_bf16_runs_alone(trial):
         _, net, optimizer = make(lr, seed)
         members.append(Member(net, optimizer, epochs=2, seed=seed))
         _, net, optimizer = make(lr, seed)
-        alone.append(train(net, optimizer, *splits, epochs=2, batch_size=256, seed=seed,
-                           progress=False, autocast=torch.bfloat16))  # fmt: skip
+        alone.append(
+            train(
+                net,
+                optimizer,
+                *splits,
+                epochs=2,
+                batch_size=256,
+                seed=seed,
+                progress=False,
+                autocast=torch.bfloat16,
+            )
+        )
     train_group(members, *splits, batch_size=256, graph=False, autocast=torch.bfloat16)
     for member, solo in zip(members, alone, strict=True):
         fused = member.result.history
@@ -115,34 +130,41 @@ def test_a_stop_request_launches_no_further_epoch(trial, tmp_path, monkeypatch, 
     """SIGTERM during epoch 1 of 3: epoch 1's hooks run (its checkpoint is written), epoch 2 is
     never launched, and the group stops with Terminated."""
     make, splits = trial
-    monkeypatch.setattr(signals, "_requested", [])  # this test's requests only
+    assert signals._requested == []  # every earlier stop request was cleared as it was handled
     launches = []
-    launch = fused._Epoch.launch
-    monkeypatch.setattr(fused._Epoch, "launch", lambda self: launches.append(1) or launch(self))
+    launch = Epoch.launch
+    monkeypatch.setattr(Epoch, "launch", lambda self: launches.append(1) or launch(self))
 
     class SignalAfterEpochOne(logging.Handler):  # the signal lands as epoch 1 is read back
         def emit(self, record):
             if "epoch 1/3" in record.getMessage():
                 signals._handler(signal.SIGTERM, None)
 
-    logging.getLogger("lenet_sweep.fused").addHandler(handler := SignalAfterEpochOne())
+    logging.getLogger("lenet_sweep.core.train").addHandler(handler := SignalAfterEpochOne())
     _, net, optimizer = make(0.9, 5)
     path = tmp_path / "checkpoint.pt"
     try:
-        with caplog.at_level(logging.INFO), pytest.raises(signals.Terminated):
-            train_group([Member(net, optimizer, 3, 5, [save_checkpoint(path)])], *splits,
-                        batch_size=256, graph=False)  # fmt: skip
+        member = Member(net, optimizer, 3, 5, [save_checkpoint(path)])
+        # stop_on_signals: as the fused launcher trains a group
+        with (
+            caplog.at_level(logging.INFO),
+            pytest.raises(signals.Terminated),
+            signals.stop_on_signals(),
+        ):
+            train_group([member], *splits, batch_size=256, graph=False)
     finally:
-        logging.getLogger("lenet_sweep.fused").removeHandler(handler)
+        logging.getLogger("lenet_sweep.core.train").removeHandler(handler)
     assert len(launches) == 1
     assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert signals._requested == []  # handled: the next run or sweep starts afresh
 
 
 def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):
     make, splits = trial
     _, net, optimizer = make(0.9, 5)
-    [whole] = train_group([Member(net, optimizer, epochs=3, seed=5)], *splits, batch_size=256,
-                          graph=False)  # fmt: skip
+    [whole] = train_group(
+        [Member(net, optimizer, epochs=3, seed=5)], *splits, batch_size=256, graph=False
+    )
 
     def stop_after_one(state):
         if state.epoch == 1:
@@ -155,15 +177,22 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
         train_group([Member(net, optimizer, 3, 5, hooks)], *splits, batch_size=256, graph=False)
     checkpoint = Checkpoint(**torch.load(path, weights_only=True))
     _, net, optimizer = make(0.9, 5)
-    [resumed] = train_group([Member(net, optimizer, 3, 5, resume=checkpoint)], *splits,
-                            batch_size=256, graph=False)  # fmt: skip
+    [resumed] = train_group(
+        [Member(net, optimizer, 3, 5, resume=checkpoint)], *splits, batch_size=256, graph=False
+    )
     assert resumed.result.history == whole.result.history
 
 
 def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
-    proc = sweep.run(*FUSED, "hydra/sweeper/sampler=grid", "lr=choice(0.2, 0.5, 0.9, 500.0)",
-                     "epochs=choice(1, 2)", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=8",
-                     "hydra.sweeper.max_failure_rate=1.0")  # fmt: skip
+    proc = sweep.run(
+        *FUSED,
+        "hydra/sweeper/sampler=grid",
+        "lr=choice(0.2, 0.5, 0.9, 500.0)",
+        "epochs=choice(1, 2)",
+        "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.n_jobs=8",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     states = {(t.params["lr"], t.params["epochs"]): t.state for t in trials}
@@ -196,10 +225,13 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
 
 
 def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
-    proc = sweep.run(*FUSED, "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=threshold",
-                     "hydra.sweeper.pruner.lower=0.3", "model=lenet_relu", "optimizer=adam",
-                     "lr=choice(0.003, 0.0000001)", "epochs=3", "hydra.sweeper.n_trials=2",
-                     "hydra.sweeper.n_jobs=2")  # fmt: skip
+    proc = sweep.run(
+        *FUSED,
+        *PRUNED_AND_COMPLETE,
+        "epochs=3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = {t.params["lr"]: t.state for t in sweep.trials()}
     assert states == {0.003: TrialState.COMPLETE, 1e-07: TrialState.PRUNED}
@@ -213,8 +245,11 @@ def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
 @pytest.mark.slow
 def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
     args = sweep.args(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
-    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # The group has trained an epoch: kill it mid-training.
     sweep.wait_for(lambda trials: trials and all(t.intermediate_values for t in trials))
     os.kill(proc.pid, signal.SIGKILL)
@@ -234,15 +269,17 @@ def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
 def test_the_written_out_step_is_the_vmapped_one(activation, pool):
     from torch.func import functional_call, grad_and_value, vmap
 
-    from lenet_sweep.fused import _step_functions
-    from lenet_sweep.models import lenet
+    from lenet_sweep.core.models import lenet
+    from lenet_sweep.fused.epoch import _step_functions
 
     nets = []
     for seed in range(3):
         torch.manual_seed(seed)
         nets.append(lenet(activation, pool))
-    params = {name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
-              for name, _ in nets[0].named_parameters()}  # fmt: skip
+    params = {
+        name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
+        for name, _ in nets[0].named_parameters()
+    }
     template = nets[0].to("meta")
     step, logits = _step_functions(template)
     assert type(step).__name__ == "StackedStep"
@@ -264,40 +301,39 @@ def test_the_written_out_step_is_the_vmapped_one(activation, pool):
 
 def test_the_written_out_steps_channels_last_gradient_changes_no_number(monkeypatch):
     """On the CPU the Flatten's gradient goes back channels-last (faster); the same bits."""
-    from lenet_sweep import stacked
-    from lenet_sweep.fused import _step_functions
-    from lenet_sweep.models import lenet
+    from lenet_sweep.core.models import lenet
+    from lenet_sweep.fused import stacked
+    from lenet_sweep.fused.epoch import _step_functions
 
     torch.manual_seed(0)
     nets = [lenet() for _ in range(2)]
-    params = {name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
-              for name, _ in nets[0].named_parameters()}  # fmt: skip
+    params = {
+        name: torch.stack([dict(n.named_parameters())[name].detach() for n in nets])
+        for name, _ in nets[0].named_parameters()
+    }
     step, _ = _step_functions(nets[0].to("meta"))
     X, y = torch.randn(2, 16, 1, 28, 28), torch.randint(0, 10, (2, 16))
     seen = []
     fixed = step(params, X, y)[0]
-    monkeypatch.setattr(stacked, "to_channels_last", lambda g: seen.append(g.is_contiguous()) or g)
+    monkeypatch.setattr(
+        stacked.speed, "to_channels_last", lambda g: seen.append(g.is_contiguous()) or g
+    )
     plain = step(params, X, y)[0]
     assert seen == [True]  # left alone, the gradient comes back in NCHW order
     assert all(torch.equal(fixed[name], plain[name]) for name in params)
 
 
-def test_one_members_first_convolution_is_the_eager_nets(monkeypatch):
-    """A member's first convolution is the eager net's, bit for bit: cpu_kernels' C one where it
-    is built; else oneDNN's, channels-last: one member's input has a single channel, which says
-    no layout, so the weights say it, as a placed net's do (models.place), or oneDNN ran the
-    member's first block NCHW, slower."""
-    from lenet_sweep import cpu_kernels
-    from lenet_sweep.models import lenet, place
-    from lenet_sweep.stacked import _conv, grouped_input
+def test_one_members_first_convolution_is_the_eager_nets():
+    """A member's first convolution is the eager net's channels-last one, bit for bit: one
+    member's input has a single channel, which says no layout, so the weights say it (as a
+    net's do in speed.training), or oneDNN ran the member's first block NCHW, slower."""
+    from lenet_sweep.core.models import lenet
+    from lenet_sweep.fused.stacked import _conv, grouped_input
 
     torch.manual_seed(0)
-    net = place(lenet(), torch.device("cpu"))
+    net = lenet().to(memory_format=torch.channels_last)
     params = {name: p.detach().unsqueeze(0) for name, p in net.named_parameters()}
     x = grouped_input(torch.randn(1, 8, 1, 28, 28), 1)
-    with cpu_kernels.c_kernels(net):
-        assert torch.equal(_conv("0", net[0])(params, x), net[0](x))
-    monkeypatch.setattr(cpu_kernels, "_cpu_kernels", None)  # not built: oneDNN's
     out = _conv("0", net[0])(params, x)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, net[0](x))  # the eager net's first convolution, bit for bit
@@ -313,8 +349,8 @@ def test_one_members_first_convolution_is_the_eager_nets(monkeypatch):
     ],
 )
 def test_an_epochs_graphs_cover_every_example_once(n, batch, plan):
-    assert fused.STEPS_PER_GRAPH == 16
-    assert fused.replay_plan(n, batch) == plan
+    assert epoch.STEPS_PER_GRAPH == 16
+    assert epoch.replay_plan(n, batch) == plan
     assert sum(steps * b * times for steps, b, times in plan) == n
 
 
@@ -323,20 +359,23 @@ def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
     batches through a cursor on the device; walked eagerly here, they must leave every weight,
     optimizer state and sum exactly as the eager epoch does."""
     make, (train_split, test_split) = trial
-    n, batch = 8 * (2 * fused.STEPS_PER_GRAPH + 3) + 5, 8  # two chunks, three singles, odd last
-    assert fused.replay_plan(n, batch) == [(fused.STEPS_PER_GRAPH, 8, 2), (1, 8, 3), (1, 5, 1)]
+    n, batch = 8 * (2 * epoch.STEPS_PER_GRAPH + 3) + 5, 8  # two chunks, three singles, odd last
+    assert epoch.replay_plan(n, batch) == [(epoch.STEPS_PER_GRAPH, 8, 2), (1, 8, 3), (1, 5, 1)]
     train_split = type(train_split)(train_split.images[:n], train_split.labels[:n])
     epochs = []
     for _ in range(2):
         members = [
             Member(*make(lr, seed)[1:], epochs=1, seed=seed) for lr, seed in [(0.9, 1), (0.1, 2)]
         ]
-        group = fused._Group.stack(fused._start(members, CPU), n, CPU)
-        group.perm.copy_(torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))
-                                      for s in (1, 2)]))  # fmt: skip
-        epochs.append(fused._Epoch(group, train_split, test_split, batch, graph=False))
+        group = engine._Group.stack(engine._start(members, CPU), n, CPU)
+        group.perm.copy_(
+            torch.stack(
+                [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+            )
+        )
+        epochs.append(Epoch(group, train_split, test_split, batch, graph=False))
     epochs[0]._train_steps()
-    for steps, b, times in fused.replay_plan(n, batch):
+    for steps, b, times in epoch.replay_plan(n, batch):
         for _ in range(times):
             epochs[1]._cursor_steps(steps, b)
     assert epochs[1].cursor.item() == n
@@ -380,8 +419,8 @@ def test_each_trial_config_is_what_hydra_composes():
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from hydra_plugins.lenet_sweep_fused.launcher import Composer
     from lenet_sweep import CONFIG_DIR
+    from lenet_sweep.job.compose import Composer
 
     env = "++hydra.job.env_set.LENET_SWEEP_TRIAL"  # as the sweeper sets it
     trials = [

@@ -5,26 +5,30 @@ import sys
 
 import pytest
 
-from lenet_sweep import host_memory
+from lenet_sweep import speed
 
 # Frees 48 MB a round (3 blocks of 16 MB, or of `sys.argv[2]` MB) and allocates it again (as a
 # fused group's step does); prints the page faults of the last 5 rounds. `train` first runs the
 # eager loop on 64 random examples, `fused` a group of two.
 ROUNDS = """
 import resource, sys, torch
-from lenet_sweep.data import Split
-from lenet_sweep.models import lenet
-from lenet_sweep.optim import SGD
+from lenet_sweep import speed
+from lenet_sweep.core.data import Split
+from lenet_sweep.core.models import lenet
+from torch.optim import SGD
 split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
 nets = [lenet(), lenet()]
+cpu = torch.device("cpu")
 if sys.argv[1] == "train":
-    from lenet_sweep.train import train
-    train(nets[0], SGD(nets[0].parameters(), lr=0.1), split, split, epochs=1, batch_size=32,
-          seed=0, progress=False)
+    from lenet_sweep.core.train import train
+    with speed.training(nets[:1], cpu):  # as a run's job trains
+        train(nets[0], SGD(nets[0].parameters(), lr=0.1), split, split, epochs=1, batch_size=32,
+              seed=0, progress=False)
 if sys.argv[1] == "fused":
-    from lenet_sweep.fused import Member, train_group
+    from lenet_sweep.fused.engine import Member, train_group
     members = [Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0) for net in nets]
-    train_group(members, split, split, batch_size=32, graph=False)
+    with speed.training(nets, cpu):  # as the fused launch trains
+        train_group(members, split, split, batch_size=32, graph=False)
 mb = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 def round():
     blocks = [torch.ones(mb * 2**18) for _ in range(3)]  # every page written
@@ -40,9 +44,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def _faults(mode: str, mb: int = 16, **env) -> int:
     import os
 
-    environ = {k: v for k, v in os.environ.items() if k not in host_memory.user_settings()}
-    proc = subprocess.run([sys.executable, "-c", ROUNDS, mode, str(mb)], capture_output=True,
-                          text=True, env={**environ, **env}, timeout=120)  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k not in speed.allocator_settings()}
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUNDS, mode, str(mb)],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split()[-1])
 
@@ -56,6 +65,8 @@ def test_after_cpu_training_freed_memory_is_reused_without_page_faults():
     assert _faults("fused") < 12_000
     # the user's own allocator settings win
     assert _faults("train", MALLOC_TOP_PAD_="131072") > 30_000
+    # and it can be turned off
+    assert _faults("train", LENET_SWEEP_SPEEDUPS="none") > 30_000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -67,18 +78,17 @@ def test_blocks_above_mallocs_largest_mmap_threshold_are_kept_too():
 
 
 def test_user_settings_are_left_alone(monkeypatch):
-    for name in host_memory.user_settings():
+    for name in speed.allocator_settings():
         monkeypatch.delenv(name)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert host_memory.user_settings() == []
+    assert speed.allocator_settings() == []
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # not a threshold: not the user's say on these
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4096")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
-    assert host_memory.user_settings() == ["MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
-                                           "LD_PRELOAD"]  # fmt: skip
-    host_memory.keep_freed_memory.cache_clear()
+    assert speed.allocator_settings() == ["MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"]
+    speed.keep_freed_memory.cache_clear()
     try:
-        assert host_memory.keep_freed_memory() is False
+        assert speed.keep_freed_memory() is False
     finally:
-        host_memory.keep_freed_memory.cache_clear()
+        speed.keep_freed_memory.cache_clear()

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from lenet_sweep.models import init_xavier, lenet
+from lenet_sweep.core.models import init_xavier, lenet
 
 
 def test_lenet_is_the_seed_net():
@@ -57,38 +57,3 @@ def test_xavier_uniform_applied_to_weights_only():
         # uniform on [-b, b] has std b/sqrt(3); PyTorch's default init is much narrower here
         assert abs(w.std().item() - bound / 3**0.5) < 0.15 * bound
         assert torch.equal(layer.bias.detach(), bias)
-
-
-def test_nchw_input_gradients_change_only_the_last_bits_of_input_gradients():
-    """While training on the CPU the second convolution's input gradient comes from NCHW copies:
-    the forward and every gradient after it bit for bit, the first convolution's (fed by that
-    input gradient) within rounding; afterwards the net is a plain one again."""
-    import copy
-    import pickle
-
-    from lenet_sweep.models import channels_last_gradients, nchw_input_gradients, place
-
-    torch.manual_seed(0)
-    plain = place(lenet(), torch.device("cpu"))
-    plain.apply(init_xavier)
-    nchw = copy.deepcopy(plain)
-    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    with channels_last_gradients():
-        out = plain(x)
-        nn.functional.cross_entropy(out, y).backward()
-        with nchw_input_gradients(nchw):
-            out_nchw = nchw(x)
-            second = nchw[3](torch.rand(2, 6, 14, 14, requires_grad=True))
-            assert second.grad_fn.name() == "_NchwInputGradientBackward"
-            nn.functional.cross_entropy(out_nchw, y).backward()
-    assert torch.equal(out, out_nchw)
-    grads = {name: p.grad for name, p in plain.named_parameters()}
-    for name, p in nchw.named_parameters():
-        if name.startswith("0."):  # behind the second convolution's input gradient
-            assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7), name
-            assert not torch.equal(p.grad, grads[name]), name  # it did take the NCHW path
-        else:
-            assert torch.equal(p.grad, grads[name]), name
-    assert not any("_conv_forward" in vars(m) for m in nchw.modules())
-    loaded = pickle.loads(pickle.dumps(nchw))
-    assert loaded[3]._conv_forward.__func__ is nn.Conv2d._conv_forward

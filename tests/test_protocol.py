@@ -9,9 +9,9 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from lenet_sweep import protocol
-from lenet_sweep.sweep import record
-from lenet_sweep.trial_link import TrialLink
+from lenet_sweep.sweep import protocol
+from lenet_sweep.sweep.loop import record
+from lenet_sweep.sweep.trial_link import TrialLink
 
 
 def _job(status: str, value) -> JobReturn:
@@ -26,17 +26,40 @@ def _job(status: str, value) -> JobReturn:
     [
         ("COMPLETED", 0.8, TrialState.COMPLETE, None),
         ("COMPLETED", {"test_acc": 0.7, "train_acc": 0.9}, TrialState.COMPLETE, None),
-        ("COMPLETED", float("nan"), TrialState.FAIL, "ValueError: job returned nan for ['test_acc']"),
-        ("COMPLETED", float("inf"), TrialState.FAIL, "ValueError: job returned inf for ['test_acc']"),
-        ("COMPLETED", {"train_acc": 0.9}, TrialState.FAIL,
-         "ValueError: job returned {'train_acc': 0.9}, not values for ['test_acc']"),
-        ("COMPLETED", "high", TrialState.FAIL, "ValueError: job returned 'high', not values for ['test_acc']"),
+        (
+            "COMPLETED",
+            float("nan"),
+            TrialState.FAIL,
+            "ValueError: job returned nan for ['test_acc']",
+        ),
+        (
+            "COMPLETED",
+            float("inf"),
+            TrialState.FAIL,
+            "ValueError: job returned inf for ['test_acc']",
+        ),
+        (
+            "COMPLETED",
+            {"train_acc": 0.9},
+            TrialState.FAIL,
+            "ValueError: job returned {'train_acc': 0.9}, not values for ['test_acc']",
+        ),
+        (
+            "COMPLETED",
+            "high",
+            TrialState.FAIL,
+            "ValueError: job returned 'high', not values for ['test_acc']",
+        ),
         ("FAILED", RuntimeError("boom"), TrialState.FAIL, "RuntimeError: boom"),
-        ("FAILED", RuntimeError("postgresql://u:pw@h/db down"), TrialState.FAIL,
-         "RuntimeError: postgresql://u:***@h/db down"),
+        (
+            "FAILED",
+            RuntimeError("postgresql://u:pw@h/db down"),
+            TrialState.FAIL,
+            "RuntimeError: postgresql://u:***@h/db down",
+        ),
         ("FAILED", optuna.TrialPruned("p"), TrialState.PRUNED, None),
     ],
-)  # fmt: skip
+)
 def test_job_results_map_to_trial_states(status, value, state, reason):
     outcome = protocol.job_outcome(_job(status, value), ["test_acc"])
     expected = value.get("test_acc") if isinstance(value, dict) else value

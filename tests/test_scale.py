@@ -21,18 +21,22 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lenet_sweep import protocol, tracking_store
-from tests.conftest import SMALL, run_cli, run_together
+from lenet_sweep.sweep import protocol
+from lenet_sweep.tracking import store as tracking_store
+from tests.conftest import PRUNED_AND_COMPLETE, SMALL, run_cli, run_together
 from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cret-pw"  # postgres_url's
 # Two trials pruned after epoch 1 (lr 1e-7 stays below 0.3), two complete: pruning reaches the
 # jobs through the storage, whatever process they run in.
-PRUNING = ["hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=threshold",
-           "hydra.sweeper.pruner.lower=0.3", "model=lenet_relu", "optimizer=adam",
-           "lr=choice(0.003, 0.0000001)", "seed=choice(1, 2)", "epochs=3",
-           "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"]  # fmt: skip
+PRUNING = [
+    *PRUNED_AND_COMPLETE,
+    "seed=choice(1, 2)",
+    "epochs=3",
+    "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.n_jobs=2",
+]
 
 
 def _free_port() -> int:
@@ -61,8 +65,9 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 @contextlib.contextmanager
 def _serving(cmd: list[str], ready_url: str):
     """A server process for the block; stopped (and waited for) after it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         _wait_http(ready_url, proc)
         yield proc
@@ -76,9 +81,22 @@ def _serving(cmd: list[str], ready_url: str):
 
 
 def _mlflow_server(backend: str, artifacts: Path, port: int):
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     return _serving(cmd, f"http://127.0.0.1:{port}/health")
 
 
@@ -91,8 +109,9 @@ def _children_and_parents(client, experiment: str):
 
 
 def _no_password_in(runs) -> bool:
-    return not any(PASSWORD in str(v) for r in runs
-                   for v in [*r.data.params.values(), *r.data.tags.values()])  # fmt: skip
+    return not any(
+        PASSWORD in str(v) for r in runs for v in [*r.data.params.values(), *r.data.tags.values()]
+    )
 
 
 # --- 1. an MLflow tracking server -----------------------------------------------------------------
@@ -114,8 +133,15 @@ def tracking_server(tmp_path):
 
 
 def _server_sweep_args(experiment: str, storage: str, sweep_dir: Path, *extra: str) -> list[str]:
-    return ["-m", *SMALL, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=srv",
-            f"hydra.sweep.dir={sweep_dir}", f"mlflow.experiment={experiment}", *extra]  # fmt: skip
+    return [
+        "-m",
+        *SMALL,
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=srv",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"mlflow.experiment={experiment}",
+        *extra,
+    ]
 
 
 def test_two_workers_record_through_a_tracking_server(tracking_server, tmp_path, experiment):
@@ -125,9 +151,16 @@ def test_two_workers_record_through_a_tracking_server(tracking_server, tmp_path,
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     with _mlflow_server(backend, artifacts, port):
-        workers = [_server_sweep_args(experiment, storage, tmp_path / f"worker{i}",
-                                      "hydra.sweeper.n_trials=4", "epochs=range(1, 3)")
-                   for i in range(2)]  # fmt: skip
+        workers = [
+            _server_sweep_args(
+                experiment,
+                storage,
+                tmp_path / f"worker{i}",
+                "hydra.sweeper.n_trials=4",
+                "epochs=range(1, 3)",
+            )
+            for i in range(2)
+        ]
         results = run_together(*workers, env={"MLFLOW_TRACKING_URI": uri})
         assert [code for code, _ in results] == [0, 0], "".join(o[-2000:] for _, o in results)
         assert all(PASSWORD not in out for _, out in results)
@@ -160,12 +193,23 @@ def test_a_tracking_server_stopped_mid_sweep(tracking_server, tmp_path, experime
     backend, storage, artifacts = tracking_server
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    args = _server_sweep_args(experiment, storage, tmp_path / "multirun",
-                              "hydra.sweeper.n_trials=3", "epochs=5", "lr=interval(0.1, 1.0)")  # fmt: skip
+    args = _server_sweep_args(
+        experiment,
+        storage,
+        tmp_path / "multirun",
+        "hydra.sweeper.n_trials=3",
+        "epochs=5",
+        "lr=interval(0.1, 1.0)",
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     with _mlflow_server(backend, artifacts, port) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lenet_sweep", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 300
         while time.time() < deadline:
             time.sleep(0.2)
@@ -186,9 +230,13 @@ def test_a_tracking_server_stopped_mid_sweep(tracking_server, tmp_path, experime
     with _mlflow_server(backend, artifacts, port):  # the next start repairs, then finishes
         # Two of three trials failed with the server: the rerun's one trial would leave the
         # sweep past max_failure_rate (exit 4), so this rerun allows it.
-        rerun = subprocess.run([sys.executable, "-m", "lenet_sweep", *args,
-                                "hydra.sweeper.max_failure_rate=1.0"], env=env,
-                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        rerun = subprocess.run(
+            [sys.executable, "-m", "lenet_sweep", *args, "hydra.sweeper.max_failure_rate=1.0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -208,9 +256,20 @@ def ray_cluster():
     if ray is None:
         pytest.fail("ray is not installed: pip install -e '.[ray]'")
     port, temp = _free_port(), tempfile.mkdtemp(prefix="ray-")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -241,8 +300,12 @@ def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     states = sorted((t.params["lr"], t.params["seed"], t.state.name) for t in trials)
-    assert states == [(1e-07, 1, "PRUNED"), (1e-07, 2, "PRUNED"), (0.003, 1, "COMPLETE"),
-                      (0.003, 2, "COMPLETE")]  # fmt: skip
+    assert states == [
+        (1e-07, 1, "PRUNED"),
+        (1e-07, 2, "PRUNED"),
+        (0.003, 1, "COMPLETE"),
+        (0.003, 2, "COMPLETE"),
+    ]
     _, children = sweep.runs()
     assert len(children) == 4
     sweeper_pid = str(trials[0].user_attrs[protocol.WORKER_PID])
@@ -259,10 +322,20 @@ def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher)
 
 def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher):  # noqa: F811
     overrides, env = launcher
-    args = sweep.args(*overrides, "hydra.sweeper.n_jobs=1", "hydra.sweeper.n_trials=2",
-                      "epochs=4", "lr=interval(0.1, 1.0)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})  # fmt: skip
+    args = sweep.args(
+        *overrides,
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_trials=2",
+        "epochs=4",
+        "lr=interval(0.1, 1.0)",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
     client, killed = tracking_store.client(sweep.mlflow_uri), None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline:
@@ -293,8 +366,9 @@ def test_optuna_dashboard_reads_the_study(sweep):  # noqa: F811
     assert dashboard, "optuna-dashboard is not installed: pip install -e '.[dashboard]'"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    with _serving([dashboard, sweep.storage, "--host", "127.0.0.1", "--port", str(port)],
-                  f"{base}/api/meta"):  # fmt: skip
+    with _serving(
+        [dashboard, sweep.storage, "--host", "127.0.0.1", "--port", str(port)], f"{base}/api/meta"
+    ):
         studies = _get_json(f"{base}/api/studies")["study_summaries"]
         [study] = [s for s in studies if s["study_name"] == sweep.study_name]
         detail = _get_json(f"{base}/api/studies/{study['study_id']}")
@@ -318,8 +392,11 @@ def test_the_slurm_config_composes_into_submitits_slurm_launcher():
     from lenet_sweep import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     node = cfg.hydra.launcher
     assert node._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (node.partition, node.gpus_per_node, node.timeout_min) == ("gpu", 1, 60)

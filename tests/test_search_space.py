@@ -2,7 +2,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from lenet_sweep.errors import UserError
-from lenet_sweep.search_space import grid_choices, parse
+from lenet_sweep.sweep.search_space import grid_choices, parse
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,19 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lenet_sweep import tracking_store
+from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import SMALL, run_cli, runs_of
 
 ARGS = [*SMALL, "epochs=5", "data.train_size=3000"]
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_epoch(checkpoint: Path, epoch: int, proc: subprocess.Popen) -> None:
@@ -38,8 +42,12 @@ def _wait_for_epoch(checkpoint: Path, epoch: int, proc: subprocess.Popen) -> Non
 
 
 def _common(mlflow_uri, experiment, run_dir):
-    return [*ARGS, f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}",
-            f"hydra.run.dir={run_dir}"]  # fmt: skip
+    return [
+        *ARGS,
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"mlflow.experiment={experiment}",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def test_sigterm_ends_killed_and_resume_equals_uninterrupted_run(tmp_path, mlflow_uri, experiment):
@@ -125,9 +133,16 @@ def sweep_args(tmp_path, mlflow_uri, experiment):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def _args(*extra):
-        return ["-m", *ARGS, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s",
-                f"hydra.sweep.dir={tmp_path / 'm'}", f"mlflow.tracking_uri={mlflow_uri}",
-                f"mlflow.experiment={experiment}", *extra]  # fmt: skip
+        return [
+            "-m",
+            *ARGS,
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=s",
+            f"hydra.sweep.dir={tmp_path / 'm'}",
+            f"mlflow.tracking_uri={mlflow_uri}",
+            f"mlflow.experiment={experiment}",
+            *extra,
+        ]
 
     _args.study = lambda: optuna.load_study(study_name="s", storage=storage)
     return _args

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lenet_sweep import app
+from lenet_sweep.job import run as app
 
 
 @pytest.mark.slow

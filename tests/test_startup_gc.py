@@ -14,29 +14,38 @@ gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] 
 if sys.argv[1] == "user":
     gc.set_threshold(100_000, 10, 10)
 if sys.argv[1] != "plain":
-    import lenet_sweep.__main__  # the command line's module: slows the pace on import
+    import lenet_sweep.cli  # the command line's module: slows the pace on import
 import torch, mlflow, mlflow.store.tracking.sqlalchemy_store, matplotlib.figure
 print(full[0], *gc.get_threshold())
-from lenet_sweep.data import Split
-from lenet_sweep.models import lenet
-from lenet_sweep.optim import SGD
+from lenet_sweep import speed
+from lenet_sweep.core.data import Split
+from lenet_sweep.core.models import lenet
+from torch.optim import SGD
 split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
 net = lenet()
-if sys.argv[1] == "fused":
-    from lenet_sweep.fused import Member, train_group
-    train_group([Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0)], split, split,
-                batch_size=32, graph=False)
-else:
-    from lenet_sweep.train import train
-    train(net, SGD(net.parameters(), lr=0.1), split, split, epochs=1, batch_size=32, seed=0,
-          progress=False)
+with speed.training([net], torch.device("cpu")):  # as a job trains
+    if sys.argv[1] == "fused":
+        from lenet_sweep.fused.engine import Member, train_group
+        train_group([Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0)], split, split,
+                    batch_size=32, graph=False)
+    else:
+        from lenet_sweep.core.train import train
+        train(net, SGD(net.parameters(), lr=0.1), split, split, epochs=1, batch_size=32, seed=0,
+              progress=False)
 print(*gc.get_threshold(), gc.get_freeze_count())
 """
 
 
-def _run(mode: str) -> tuple[list[int], list[int]]:
-    proc = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+def _run(mode: str, **env) -> tuple[list[int], list[int]]:
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", PROGRAM, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr
     imports, trained = proc.stdout.splitlines()[-2:]
     return [int(x) for x in imports.split()], [int(x) for x in trained.split()]
@@ -54,3 +63,8 @@ def test_start_up_makes_no_full_collection_and_training_restores_the_pace():
 def test_a_users_slower_pace_is_left_alone():
     (_, *pace), (*after, frozen) = _run("user")
     assert pace == after == [100_000, 10, 10] and frozen == 0
+
+
+def test_the_start_up_pace_can_be_turned_off():
+    (_, *pace), (*after, frozen) = _run("eager", LENET_SWEEP_SPEEDUPS="fast_exit")
+    assert pace == after == [700, 10, 10] and frozen == 0

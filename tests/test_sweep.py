@@ -14,8 +14,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lenet_sweep import tracking_store
-from tests.conftest import SMALL, run_cli, run_together, runs_of
+from lenet_sweep.tracking import store as tracking_store
+from tests.conftest import PRUNED_AND_COMPLETE, SMALL, run_cli, run_together, runs_of
 
 
 @pytest.fixture
@@ -30,10 +30,16 @@ def sweep(tmp_path, mlflow_uri, experiment):
             self.mlflow_uri = mlflow_uri
 
         def args(self, *extra: str) -> list[str]:
-            return ["-m", *SMALL, f"hydra.sweeper.storage={storage}",
-                    f"hydra.sweeper.study_name={self.study_name}", f"hydra.sweep.dir={self.dir}",
-                    f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}",
-                    *extra]  # fmt: skip
+            return [
+                "-m",
+                *SMALL,
+                f"hydra.sweeper.storage={storage}",
+                f"hydra.sweeper.study_name={self.study_name}",
+                f"hydra.sweep.dir={self.dir}",
+                f"mlflow.tracking_uri={mlflow_uri}",
+                f"mlflow.experiment={experiment}",
+                *extra,
+            ]
 
         def run(self, *extra: str, timeout: int = 600):
             return run_cli(*self.args(*extra), timeout=timeout)
@@ -64,8 +70,9 @@ def sweep(tmp_path, mlflow_uri, experiment):
 
 
 def test_sweep_records_study_parent_and_children(sweep):
-    proc = sweep.run("hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))",
-                     "epochs=range(1, 3)")  # fmt: skip
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert [t.number for t in trials] == [0, 1, 2]
@@ -100,9 +107,15 @@ def test_sweep_records_study_parent_and_children(sweep):
     best_child = by_number[best.number]
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
     assert parent.data.tags["best_model_uri"] == f"runs:/{best_child.info.run_id}/model"
-    assert [a.path for a in tracking_store.client(sweep.mlflow_uri).list_artifacts(
-        best_child.info.run_id, "model")] == [f"model/{f}" for f in (
-        "MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt")]  # fmt: skip
+    assert [
+        a.path
+        for a in tracking_store.client(sweep.mlflow_uri).list_artifacts(
+            best_child.info.run_id, "model"
+        )
+    ] == [
+        f"model/{f}"
+        for f in ("MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt")
+    ]
     assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
     # n_trials is the total: the same command again runs nothing more.
     again = sweep.run(
@@ -112,8 +125,12 @@ def test_sweep_records_study_parent_and_children(sweep):
 
 
 def test_multi_objective_sweep_records_the_pareto_front(sweep):
-    proc = sweep.run("hydra.sweeper.n_trials=3", "hydra.sweeper.direction=[maximize,minimize]",
-                     "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)")  # fmt: skip
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "lr=tag(log, interval(0.05, 2.0))",
+        "epochs=range(1, 3)",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
@@ -147,8 +164,11 @@ def test_enqueued_parameters_run_first_and_once(sweep):
 @pytest.mark.slow
 def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
     args = sweep.args("hydra.sweeper.n_trials=4", "epochs=6", "lr=interval(0.1, 1.0)")
-    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Trial 1 has finished an epoch: kill it mid-trial.
     sweep.wait_for(lambda trials: any(t.number == 1 and t.intermediate_values for t in trials))
     os.kill(proc.pid, signal.SIGKILL)
@@ -169,9 +189,10 @@ def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
 
 
 def test_pruned_trial_stops_early_and_is_marked(sweep):
-    proc = sweep.run("hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=threshold",
-                     "hydra.sweeper.pruner.lower=0.3", "model=lenet_relu", "optimizer=adam",
-                     "lr=choice(0.003, 0.0000001)", "epochs=3")  # fmt: skip
+    proc = sweep.run(
+        *PRUNED_AND_COMPLETE,
+        "epochs=3",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = {t.params["lr"]: t.state for t in sweep.trials()}
     assert states == {0.003: TrialState.COMPLETE, 1e-07: TrialState.PRUNED}
@@ -185,8 +206,12 @@ def test_pruned_trial_stops_early_and_is_marked(sweep):
 
 
 def test_all_failing_sweep_exits_nonzero_with_one_line(sweep):
-    proc = sweep.run("hydra.sweeper.n_trials=2", "lr=interval(0.1, 1.0)", "data.root=/no/such/dir",
-                     "hydra.sweeper.max_failure_rate=1.0")  # fmt: skip
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=2",
+        "lr=interval(0.1, 1.0)",
+        "data.root=/no/such/dir",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
     assert proc.returncode == 4  # the sweep ran, its trials failed
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: sweep s: no trial completed (2 fail;"), proc.stderr[-2000:]
@@ -211,8 +236,13 @@ def test_max_failure_rate_stops_the_sweep(sweep):
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_batches_in_processes(sweep):
-    proc = sweep.run("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-                     "hydra.sweeper.n_trials=4", "lr=interval(0.1, 1.0)")  # fmt: skip
+    proc = sweep.run(
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        "lr=interval(0.1, 1.0)",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -242,8 +272,12 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_share_one_postgres_study(sweep, postgres_url):
-    args = sweep.args("hydra.sweeper.n_trials=8", "lr=interval(0.1, 1.0)", "data.train_size=4096",
-                      f"hydra.sweeper.storage={postgres_url}")  # fmt: skip
+    args = sweep.args(
+        "hydra.sweeper.n_trials=8",
+        "lr=interval(0.1, 1.0)",
+        "data.train_size=4096",
+        f"hydra.sweeper.storage={postgres_url}",
+    )
     results = run_together(*[[*args, f"hydra.sweep.dir={sweep.dir}-{i}"] for i in range(2)])
     assert [code for code, _ in results] == [0, 0], "".join(o[-2000:] for _, o in results)
     outputs = [out for _, out in results]
@@ -269,8 +303,8 @@ def test_two_workers_share_one_postgres_study(sweep, postgres_url):
 def test_every_sampler_config_builds_and_samples(name):
     from hydra.utils import instantiate
 
-    from hydra_plugins.lenet_sweep_optuna.config import SAMPLERS
-    from lenet_sweep.search_space import grid_choices, parse, suggest
+    from lenet_sweep.config.plugins import SAMPLERS
+    from lenet_sweep.sweep.search_space import grid_choices, parse, suggest
 
     sampler = instantiate(SAMPLERS[name])
     space, _ = parse(["lr=choice(0.1, 0.3)", "epochs=range(1, 4)"])
@@ -289,7 +323,11 @@ def test_tab_completion_lists_group_options():
     import shutil
 
     exe = shutil.which("lenet-sweep") or str(Path(sys.executable).parent / "lenet-sweep")
-    proc = subprocess.run([exe, "-sc", "query=bash"], capture_output=True, text=True,
-                          env={**os.environ, "COMP_LINE": "lenet-sweep model="})  # fmt: skip
+    proc = subprocess.run(
+        [exe, "-sc", "query=bash"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COMP_LINE": "lenet-sweep model="},
+    )
     assert proc.returncode == 0
     assert set(proc.stdout.split()) >= {"model=lenet", "model=lenet_relu"}

@@ -1,11 +1,10 @@
-import contextlib
 import math
 
 import torch
 
-from lenet_sweep.data import load_split
-from lenet_sweep.models import build
-from lenet_sweep.train import train
+from lenet_sweep.core.data import load_split
+from lenet_sweep.core.train import train
+from lenet_sweep.job.job import build_model as build
 
 
 def _train(cfg, **kw):
@@ -58,34 +57,56 @@ def test_bf16_autocast_learns_as_fp32_does(make_cfg):
 
 
 def test_cpu_training_hands_channels_last_gradients_back_through_flatten(make_cfg):
-    """The same numbers as without the layout fix (bit for bit); the pool before the Flatten
-    gets its gradient channels-last while training; the net keeps no hook of it."""
+    """speed.training on the CPU: the net channels-last, and the pool before the Flatten gets its
+    gradient channels-last too, with the same numbers as a channels-last net without that hook
+    (bit for bit); the net keeps no hook of it."""
     import pickle
 
-    from lenet_sweep import train as train_module
+    from lenet_sweep import speed
 
     cfg = make_cfg("epochs=1", "data.train_size=1024", "data.test_size=256")
     seen = []
 
     def spy(module, args):  # a Flatten's own pre-hook runs after the process-wide one
         if args[0].requires_grad:
-            args[0].register_hook(lambda g: seen.append(g.is_contiguous(
-                memory_format=torch.channels_last)))  # fmt: skip
+            channels_last = torch.channels_last
+            args[0].register_hook(
+                lambda g: seen.append(g.is_contiguous(memory_format=channels_last))
+            )
 
     device = torch.device("cpu")
     splits = [load_split(cfg.data, train=t, device=device) for t in (True, False)]
     net, opt = build(cfg, device)
     flatten = next(m for m in net if isinstance(m, torch.nn.Flatten))
     spy_handle = flatten.register_forward_pre_hook(spy)
-    fixed = train(net, opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
+    with speed.training([net], device):
+        fixed = train(net, opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
     spy_handle.remove()
     assert seen and all(seen)
+    assert net[3].weight.is_contiguous(memory_format=torch.channels_last)
     assert not flatten._forward_pre_hooks and pickle.loads(pickle.dumps(net)) is not None
 
-    original = train_module.channels_last_gradients
-    train_module.channels_last_gradients = contextlib.nullcontext
-    try:
-        plain = _train(cfg, epochs=1, batch_size=256, seed=0)
-    finally:
-        train_module.channels_last_gradients = original
+    plain_net, plain_opt = build(cfg, device)
+    plain_net.to(memory_format=torch.channels_last)
+    plain = train(plain_net, plain_opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
     assert fixed.history == plain.history  # bit for bit
+
+
+def test_speedups_turned_off_leave_the_net_as_built(make_cfg, monkeypatch):
+    from lenet_sweep import speed
+
+    monkeypatch.setenv(speed.ENV, "none")
+    cfg = make_cfg("epochs=1", "data.train_size=256", "data.test_size=256")
+    net, _ = build(cfg, torch.device("cpu"))
+    with speed.training([net], torch.device("cpu")):
+        assert not net[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not speed.keep_freed_memory.__wrapped__()
+    monkeypatch.setenv(speed.ENV, "fast_exit,host_memory")
+    assert speed.enabled("host_memory") and not speed.enabled("channels_last")
+
+
+def test_a_run_steps_torch_optims_own_optimizers(make_cfg):
+    for choice, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)):
+        net, opt = build(make_cfg(f"optimizer={choice}", "lr=0.01"), torch.device("cpu"))
+        assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.01
+        assert opt.param_groups[0]["params"] == list(net.parameters())

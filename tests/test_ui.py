@@ -20,9 +20,17 @@ import pytest
 from lenet_sweep import PROJECT_ROOT
 from tests.conftest import SMALL, run_cli, runs_of
 
-CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--virtual-time-budget=20000"]  # fmt: skip
+CHROMIUM = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+]
 # LENET_SWEEP_UPDATE_DOCS=1 keeps the compare page's screenshot as the README's figure.
 SCREENSHOT = PROJECT_ROOT / "docs" / "mlflow-compare.png"
 
@@ -37,8 +45,12 @@ def _browser(url: str, profile: Path, *extra: str) -> str:
     """The page's text once its scripts ran (--dump-dom), or what `extra` asks for."""
     exe = shutil.which("chromium")
     assert exe, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    out = subprocess.run([exe, *CHROMIUM, f"--user-data-dir={profile}", *(extra or ["--dump-dom"]), url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [exe, *CHROMIUM, f"--user-data-dir={profile}", *(extra or ["--dump-dom"]), url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", out.stdout, flags=re.S)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
 
@@ -48,19 +60,38 @@ def ui(tmp_path):
     """A store with a 3-trial sweep and a single run, served by `mlflow ui` on a free port."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [*SMALL, "data.train_size=1024", "data.test_size=256", f"mlflow.tracking_uri={uri}"]
-    sweep = run_cli("-m", *common, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=s",
-                    f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-                    f"hydra.sweep.dir={tmp_path / 'm'}", "lr=tag(log, interval(0.05, 2.0))",
-                    "epochs=range(1, 3)",
-                    # Both epochs values for sure (three random draws agree one time in four):
-                    # the compare page lists the params that differ.
-                    "hydra.sweeper.enqueue=[{lr: 0.1, epochs: 1}, {lr: 0.5, epochs: 2}]")  # fmt: skip
+    sweep = run_cli(
+        "-m",
+        *common,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.study_name=s",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"hydra.sweep.dir={tmp_path / 'm'}",
+        "lr=tag(log, interval(0.05, 2.0))",
+        "epochs=range(1, 3)",
+        # Both epochs values for sure (three random draws agree one time in four):
+        # the compare page lists the params that differ.
+        "hydra.sweeper.enqueue=[{lr: 0.1, epochs: 1}, {lr: 0.5, epochs: 2}]",
+    )
     single = run_cli(*common, "epochs=2", f"hydra.run.dir={tmp_path / 'r'}")
     assert sweep.returncode == 0 and single.returncode == 0, sweep.stderr[-2000:] + single.stderr
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

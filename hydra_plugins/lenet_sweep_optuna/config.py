@@ -1,89 +1,17 @@
-"""The sweeper's settings (`hydra.sweeper.*`) as a structured config in Hydra's ConfigStore.
+"""Registers the sweeper's settings (lenet_sweep.config.plugins) in Hydra's ConfigStore.
 
-Hydra imports every module under hydra_plugins when it starts (outside sys.modules, hence no
-`from __future__ import annotations` here), so the store() below runs before
+Hydra imports every module under hydra_plugins when it starts, so the store() below runs before
 any config is composed: `override hydra/sweeper: lenet_optuna` finds it in any Hydra app.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from hydra.core.config_store import ConfigStore
 
-from lenet_sweep.config import knob
-
-
-@dataclass
-class LenetOptunaSweeperConf:
-    """The official hydra-optuna-sweeper's keys, plus pruner, heartbeat, objectives, warm starts
-    and the project-specific parts, each off unless an app turns it on."""
-
-    _target_: str = "hydra_plugins.lenet_sweep_optuna.sweeper.LenetOptunaSweeper"
-    defaults: list[Any] = field(
-        default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "none"}]
-    )
-    sampler: Any = None  # hydra/sweeper/sampler/*: built by Hydra (grid: a partial)
-    direction: Any = "maximize"  # or a list: one direction per objective (multi-objective)
-    # The job's returned metrics to optimise, in order; the first one per direction is used.
-    # null: the job returns the value(s) itself (one number, or one per direction).
-    objectives: list[str] | None = None
-    # Optuna RDB URL; same storage + study_name = same study. null: <sweep dir>/optuna.db
-    storage: str | None = None
-    study_name: str | None = None  # null: the app's job name
-    n_trials: int = knob(20, "an integer >= 1", minimum=1)  # the study's total
-    n_jobs: int = knob(1, "an integer >= 1", minimum=1)  # trials handed to the launcher at once
-    max_failure_rate: float = knob(0.5, "a number in [0, 1]", minimum=0, maximum=1)
-    params: dict[str, str] | None = None  # the search space in Hydra's sweep grammar
-    custom_search_space: str | None = None  # "module.fn": fn(cfg, trial) suggests extra params
-    enqueue: list[dict[str, Any]] | None = None  # parameter sets tried first, once per study
-    pruner: Any = None  # hydra/sweeper/pruner/*
-    heartbeat_interval: int = knob(10, "an integer >= 1 (seconds)", minimum=1)
-    grace_period: int = knob(30, "an integer >= 1 (seconds)", minimum=1)
-    # range(a, b) ends: false = Hydra's grammar (b excluded); true = the official plugin's (b in)
-    inclusive_range_end: bool = False
-    # MLflow: a parent run per study, read from the app's `mlflow` node (tracking_uri, experiment)
-    mlflow: bool = False
-    # "module.fn": fn(config, search_space, group_options) checks a sweep before it starts
-    app_checks: str | None = None
-
-
-# Samplers and pruners by name: hydra/sweeper/sampler=<name>, hydra/sweeper/pruner=<name>.
-SAMPLERS = {
-    "tpe": {
-        "_target_": "optuna.samplers.TPESampler",
-        "seed": None,
-        "n_startup_trials": 10,
-        "multivariate": False,
-    },
-    "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
-    "cmaes": {"_target_": "optuna.samplers.CmaEsSampler", "seed": None, "n_startup_trials": 1},
-    "gp": {"_target_": "optuna.samplers.GPSampler", "seed": None, "n_startup_trials": 10},
-    "qmc": {
-        "_target_": "optuna.samplers.QMCSampler",
-        "seed": None,
-        "qmc_type": "sobol",
-        "scramble": True,
-    },
-    "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None, "population_size": 50},
-    # The grid is built from the search space (choice/range only): Hydra hands over a partial.
-    "grid": {"_target_": "optuna.samplers.GridSampler", "_partial_": True, "seed": None},
-}
-PRUNERS = {
-    "none": {},  # every trial runs all its steps
-    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5,
-               "n_warmup_steps": 1, "interval_steps": 1},
-    "percentile": {"_target_": "optuna.pruners.PercentilePruner", "percentile": 25.0,
-                   "n_startup_trials": 5, "n_warmup_steps": 1},
-    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1,
-                  "max_resource": "auto", "reduction_factor": 3},
-    # prunes a trial whose reported value is below `lower` after n_warmup_steps
-    "threshold": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5, "n_warmup_steps": 0},
-}  # fmt: skip
-
+from lenet_sweep.config.plugins import PRUNERS, SAMPLERS, LenetOptunaSweeperConf
 
 _store = ConfigStore.instance()
-_store.store(group="hydra/sweeper", name="lenet_optuna", node=LenetOptunaSweeperConf,
-             provider="lenet_sweep")  # fmt: skip
+_store.store(
+    group="hydra/sweeper", name="lenet_optuna", node=LenetOptunaSweeperConf, provider="lenet_sweep"
+)
 for _group, _nodes in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
     for _name, _node in _nodes.items():
         _store.store(

@@ -1,4 +1,5 @@
-"""Hydra's Sweeper plugin interface for lenet_sweep's Optuna sweep (logic in lenet_sweep.sweep)."""
+"""Hydra's Sweeper plugin for lenet_sweep's Optuna sweep: builds the launcher and delegates
+(lenet_sweep.sweep.loop)."""
 
 from typing import Any
 
@@ -7,7 +8,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from hydra_plugins.lenet_sweep_optuna.config import LenetOptunaSweeperConf
+from lenet_sweep.config.plugins import LenetOptunaSweeperConf
 from lenet_sweep.errors import UserError, exit_with
 
 
@@ -24,7 +25,7 @@ class LenetOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from lenet_sweep.sweep import OptunaSweep
+        from lenet_sweep.sweep.loop import OptunaSweep
 
         try:
             options = self.config_loader.get_group_options

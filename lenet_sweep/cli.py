@@ -1,0 +1,92 @@
+"""`python -m lenet_sweep [overrides]` and `lenet-sweep`: the Hydra app and its command line."""
+
+from lenet_sweep import speed
+
+speed.slow_startup_gc()  # before the imports below and the ones a run makes
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors
+from lenet_sweep.errors import UserError, exit_with
+from lenet_sweep.signals import Terminated
+from lenet_sweep.tracking import store
+
+# The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
+# that launcher processes that import this module to run `main` have it too.
+config.register()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Train once (or once per trial under -m); returns the final metrics (the objectives)."""
+    from lenet_sweep.core.hooks import Diverged  # here, not at import: `--help` needs no torch
+    from lenet_sweep.job.run import run
+
+    try:
+        return run(cfg)
+    except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records it as the trial's failure
+        if not isinstance(e, Diverged):  # refused before training: leave no run dir behind
+            _discard_untouched(Path(HydraConfig.get().runtime.output_dir))
+        exit_with(e)
+
+
+def _discard_untouched(run_dir: Path) -> None:
+    """Remove a run dir holding only what Hydra writes before the task (.hydra/, the job log)."""
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.parent == OUTPUTS_DIR / "runs":  # the default runs/<day>/<time>
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # the day's folder, when this was its only run
+
+
+def _knob_rules() -> dict:
+    sweeper = config.knobs(config.LenetOptunaSweeperConf, "hydra.sweeper.")
+    return {**config.knobs(config.RunConfig), **sweeper}
+
+
+def cli() -> None:
+    try:
+        _cli()
+    except SystemExit as e:
+        speed.leave(e.code)
+    speed.leave(0)
+
+
+def _cli() -> None:
+    # Hydra prints its own errors (unknown key, missing option) over several lines with a
+    # traceback hint; with HYDRA_FULL_ERROR set it raises them instead, and we print one line.
+    # The user's own setting decides whether we show tracebacks.
+    errors.show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    store.configure_env()
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        exit_with(config.knob_error(e, _knob_rules()) or e)
+    except PermissionError as e:  # e.g. Hydra making the run dir in a read-only outputs/
+        exit_with(
+            UserError(
+                f"cannot write {e.filename} ({e.strerror}); make it writable or set "
+                "hydra.run.dir (hydra.sweep.dir with -m) to a writable folder"
+            )
+        )
+    except KeyboardInterrupt as e:
+        sys.stderr.write(
+            f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, "
+            "checkpoint kept; rerun with resume=<run dir> to continue\n"
+        )
+        sys.exit(128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT))

@@ -1,0 +1,117 @@
+"""A run's and a sweep's checks before anything is trained or recorded: the knobs' ranges, the
+device, the search space against the knobs' types and the groups' options."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from omegaconf import OmegaConf
+
+from lenet_sweep.config.knobs import check_knobs, knobs
+from lenet_sweep.config.schema import RunConfig
+from lenet_sweep.errors import UserError
+
+GROUPS = ("model", "optimizer", "data")
+
+
+def validate(cfg) -> None:
+    """A run's config, before anything is trained or recorded."""
+    check_knobs(cfg, RunConfig)
+    rules = knobs(RunConfig)
+    limits = {
+        "batch_size": cfg.data.train_size or cfg.data.num_train,
+        "data.train_size": cfg.data.num_train,
+        "data.test_size": cfg.data.num_test,
+    }
+    for key, limit in limits.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value > limit:
+            raise UserError(f"{rules[key].error(key, value)} ({limit} here)")
+    if not cfg.mlflow.experiment:
+        raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
+
+
+def check_search_space(space: dict, group_options: Callable[[str], list[str]]) -> None:
+    """A sweep's distributions against the knobs' types and ranges and the groups' options,
+    before any study or run exists (else every trial would fail the same way)."""
+    rules = knobs(RunConfig)
+    for key, dist in space.items():
+        values = list(getattr(dist, "choices", None) or (dist.low, dist.high))
+        shown = f"{key}: searched over {_shown(dist)}"
+        if key in GROUPS:
+            options = group_options(key)
+            for value in values:
+                if value not in options:
+                    raise UserError(
+                        f"{shown}; {value} is not a {key}, choose from {', '.join(options)}"
+                    )
+        elif rule := rules.get(key):
+            _check_searched_knob(key, rule, dist, values, shown)
+
+
+def _check_searched_knob(key: str, rule, dist, values: list, shown: str) -> None:
+    from optuna.distributions import FloatDistribution
+
+    if not all(_fits(rule.kind, v) for v in values) or (
+        rule.kind is int and isinstance(dist, FloatDistribution)
+    ):
+        raise UserError(
+            f"{shown}, but {key} must be {rule.allowed}; "
+            "for integers use int(interval(a, b)) or range(a, b)"
+        )
+    for value in values:
+        try:
+            rule.check(key, value)
+        except UserError:
+            raise UserError(f"{shown}, but {key} must be {rule.allowed}") from None
+
+
+def check_sweep(cfg, space: dict, group_options: Callable[[str], list[str]]) -> None:
+    """This project's hydra.sweeper.app_checks: the fixed values every trial shares, the device,
+    and the search space, before the sweep starts."""
+    validate(cfg)
+    resolve_device(cfg.device)
+    check_search_space(space, group_options)
+
+
+def _fits(kind: type, value) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int) if kind is int else isinstance(value, kind | int)
+
+
+def _shown(dist) -> str:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return f"choice({', '.join(map(str, dist.choices))})"
+    kind = "integers" if isinstance(dist, IntDistribution) else "floats"
+    return f"{'log-scaled ' if dist.log else ''}{kind} in [{dist.low}, {dist.high}]"
+
+
+def autocast_dtype(precision: str):
+    """`precision` -> the dtype the steps autocast to (None: plain fp32). Weights, optimizer
+    state and the loss stay fp32 either way."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16}[str(precision)]
+
+
+def resolve_device(name: str):
+    """`device` -> torch.device: auto, cpu, cuda, cuda:N (the one place that reads the grammar)."""
+    import torch
+
+    name, cuda = str(name), re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if name in ("auto", "cpu"):
+        return torch.device("cuda:0" if name == "auto" and torch.cuda.is_available() else "cpu")
+    if cuda is None:
+        raise UserError(f"device={name}: unknown device; allowed: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"device={name}: no CUDA GPU is visible here; use device=cpu or auto")
+    if int(cuda[1] or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"device={name}: only {torch.cuda.device_count()} GPU(s) visible; "
+            "use cuda:0 .. cuda:N-1, or auto"
+        )
+    return torch.device("cuda", int(cuda[1] or 0))

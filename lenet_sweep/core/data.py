@@ -1,0 +1,213 @@
+"""Fashion-MNIST (or MNIST) idx files -> whole splits as tensors on the training device.
+
+Like airbench, the data lives on the device and batches are drawn by indexing with an on-device
+permutation, so the hot path has no DataLoader and no host round trip.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lenet_sweep.errors import UserError
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenet_sweep"
+
+
+@dataclass
+class Split:
+    """Images as float in [0, 1] (what ToTensor gives), shape (N, 1, 28, 28); labels int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """Yield (X, y) batches; shuffled through an on-device permutation when given a generator."""
+        n = len(self.labels)
+        if generator is None:
+            order = None
+        else:
+            order = torch.randperm(n, device=self.labels.device, generator=generator)
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield (
+                    self.images[start : start + batch_size],
+                    self.labels[start : start + batch_size],
+                )
+            else:
+                idx = order[start : start + batch_size]
+                yield self.images[idx], self.labels[idx]
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self.labels) // batch_size)
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_root(data_cfg) -> Path:
+    """The folder holding the four idx files: data.root, else Debian's folder, else a download."""
+    if data_cfg.root is not None:
+        root = Path(str(data_cfg.root)).expanduser()
+        if not root.is_dir():
+            raise UserError(
+                f"data.root={data_cfg.root}: no such directory; "
+                "point data.root at a folder with the four idx files"
+            )
+        return root
+    if data_cfg.system_root and Path(data_cfg.system_root).is_dir():
+        return Path(data_cfg.system_root)
+    return _download(data_cfg)
+
+
+def _download(data_cfg) -> Path:
+    import torchvision.datasets as tvd
+
+    cache = CACHE_DIR / "torchvision"
+    dataset_cls = getattr(tvd, data_cfg.torchvision_class)
+    try:
+        dataset_cls(str(cache), train=True, download=True)
+        dataset_cls(str(cache), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - any network failure ends in the same advice
+        raise UserError(
+            f"could not download {data_cfg.name} ({type(e).__name__}: {e}); "
+            "install Debian's dataset-fashion-mnist or set data.root to a folder with the idx files"
+        ) from e
+    return cache / data_cfg.torchvision_class / "raw"
+
+
+def _expected(sha: str | None) -> str:
+    return f"expected SHA-256 {sha} once decompressed" if sha else "expected an idx file"
+
+
+def _decompressed(path: Path, expected_sha: str | None) -> tuple[Path, str, bytes]:
+    """Plain idx file for `path`, its SHA-256 and its bytes (read once: hashed and parsed from
+    the same bytes). A gz file is decompressed once into the cache, found again by the SHA-256
+    of its compressed bytes (hashing is faster than decompressing at every start); the cached
+    copy's name records the SHA-256 it was written with, and a copy
+    that no longer has it is decompressed again."""
+    if path.suffix != ".gz":
+        raw = path.read_bytes()
+        return path, hashlib.sha256(raw).hexdigest(), raw
+    packed = path.read_bytes()
+    key = hashlib.sha256(packed).hexdigest()
+    for cached in (CACHE_DIR / "idx").glob(f"{key}-*-{path.stem}"):
+        recorded = cached.name[len(key) + 1 :].split("-", 1)[0]
+        raw = cached.read_bytes()
+        if hashlib.sha256(raw).hexdigest() == recorded:
+            return cached, recorded, raw
+    try:
+        raw = gzip.decompress(packed)
+    except (OSError, EOFError) as e:
+        raise UserError(
+            f"{path}: truncated or not gzip ({e}); {_expected(expected_sha)}: "
+            "replace it with the original file"
+        ) from e
+    digest = hashlib.sha256(raw).hexdigest()
+    target = CACHE_DIR / "idx" / f"{key}-{digest}-{path.stem}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(raw)
+    tmp.replace(target)  # atomic: parallel jobs never read a half-written file
+    return target, digest, raw
+
+
+def _read(path: Path, name: str, expected_sha: str | None) -> torch.Tensor:
+    _, digest, raw = _decompressed(path, expected_sha)
+    if expected_sha and digest != expected_sha:
+        raise UserError(
+            f"{path}: SHA-256 of the decompressed {name} is {digest}, expected {expected_sha}; "
+            "the file is corrupted or not the original: reinstall or re-download it"
+        )
+    try:
+        return parse_idx(raw, ndim=3 if "images" in name else 1)
+    except ValueError as e:
+        raise UserError(
+            f"{path}: not a valid idx file ({e}); {_expected(expected_sha)}: "
+            "replace it with the original file"
+        ) from e
+
+
+def parse_idx(raw: bytes, ndim: int) -> torch.Tensor:
+    """idx bytes of unsigned bytes: magic 0x00 0x00 0x08 <ndim>, the sizes as big-endian uint32,
+    then the data. (Parsed here: importing torchvision for it costs a second a start.)"""
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise ValueError(f"the header is not that of {ndim}-d unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != math.prod(shape):
+        raise ValueError(f"{len(raw) - header} bytes of data for the shape {shape}")
+    # One writable copy (torch.frombuffer wants one), the header skipped in place.
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
+
+
+def load_split(data_cfg, train: bool, device: torch.device) -> Split:
+    """Read, verify and move one split to `device` (float images scaled by 1/255), once per
+    process and config: the trials of an in-process sweep share the tensors (read-only)."""
+    from omegaconf import OmegaConf
+
+    return _load_split(OmegaConf.to_yaml(data_cfg, resolve=True), train, str(device))
+
+
+def load_splits(data_cfg, device: torch.device) -> tuple[Split, Split]:
+    """The training and the test split (load_split)."""
+    return load_split(data_cfg, True, device), load_split(data_cfg, False, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(data_yaml: str, train: bool, device: str) -> Split:
+    from omegaconf import OmegaConf
+
+    data_cfg = OmegaConf.create(data_yaml)
+    root = resolve_root(data_cfg)
+    prefix = "train" if train else "test"
+    tensors = {}
+    for kind in ("images", "labels"):
+        name = FILES[f"{prefix}_{kind}"]
+        path = _find(root, name)
+        if path is None:
+            raise UserError(
+                f"{root}: missing {name} (or {name}.gz); "
+                "put the four idx files there or install Debian's dataset-fashion-mnist"
+            )
+        expected = (data_cfg.sha256 or {}).get(name)
+        tensors[kind] = _read(path, name, expected)
+    images, labels = tensors["images"], tensors["labels"]
+    expected_n = data_cfg.num_train if train else data_cfg.num_test
+    if images.shape != (expected_n, 28, 28) or labels.shape != (expected_n,):
+        raise UserError(
+            f"{root}: {prefix} split has images {tuple(images.shape)} and labels "
+            f"{tuple(labels.shape)}, expected ({expected_n}, 28, 28) and ({expected_n},); "
+            f"use the original files or set data.num_{prefix}"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) >= data_cfg.num_classes:
+        raise UserError(
+            f"{root}: {prefix} labels outside 0..{data_cfg.num_classes - 1}; "
+            "use the original label files"
+        )
+    limit = data_cfg.train_size if train else data_cfg.test_size
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    images = images.to(device).unsqueeze(1).float().div_(255)
+    return Split(images=images, labels=labels.to(device=device, dtype=torch.long))

@@ -1,0 +1,65 @@
+"""Per-epoch hooks: what happens between epochs, kept out of the hot loop.
+
+Each is a small callable built here and handed to `train(hooks=[...])`, called in order with the
+TrainState after every epoch; raising stops training (the way Lightning's and optuna-integration's
+callbacks work). The fused trainer calls the same hooks once per trial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+
+from lenet_sweep.core.checkpoint import Checkpoint
+from lenet_sweep.core.state import EpochHook, TrainState
+from lenet_sweep.errors import EXIT_DIVERGED, UserError
+
+
+class Diverged(UserError):
+    """The training loss became NaN, inf, or larger than the divergence threshold."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(self, epoch: int, loss: float, threshold: float | None = None):
+        limit = "" if threshold is None or not math.isfinite(loss) else f" > {threshold:g}"
+        super().__init__(
+            f"training diverged at epoch {epoch}: train loss {loss:g}{limit}; "
+            "lower lr or change the optimizer"
+        )
+        self.epoch, self.loss = epoch, loss
+
+
+def stop_on_divergence(threshold: float | None) -> EpochHook:
+    """Raise Diverged when the epoch's train loss is NaN/inf or above `threshold` (None: off)."""
+
+    def hook(state: TrainState) -> None:
+        loss = state.stats["train_loss"]
+        if not math.isfinite(loss) or (threshold and loss > threshold):
+            raise Diverged(state.epoch, loss, threshold)
+
+    return hook
+
+
+def save_checkpoint(path: Path, **extra) -> EpochHook:
+    """Write the epoch's checkpoint (atomically) to `path`; `extra` goes into every one."""
+    return lambda state: Checkpoint.capture(state, **extra).save(path)
+
+
+def log_epoch(mlrun) -> EpochHook:
+    """The epoch's metrics to an MLflow TrackedRun, at step = epoch."""
+    return lambda state: mlrun.log_epoch(state.stats)
+
+
+def prune(link, on_pruned: Callable[[TrainState], None]) -> EpochHook:
+    """Report the epoch's test accuracy to the trial; when its pruner says stop, call
+    `on_pruned` (which ends the records) and raise TrialPruned."""
+
+    def hook(state: TrainState) -> None:
+        if link.report(state.stats["test_acc"], state.epoch):
+            on_pruned(state)
+            raise optuna.TrialPruned(f"pruned after epoch {state.epoch}")
+
+    return hook

@@ -1,0 +1,238 @@
+"""One run from config to records: everything is read, checked and built here, at the top of the
+job, then handed to a trainer; the results are recorded in MLflow (and the trial's study)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lenet_sweep import config
+from lenet_sweep.core import hooks
+from lenet_sweep.core.checkpoint import FILE as CHECKPOINT_FILE
+from lenet_sweep.core.checkpoint import Checkpoint
+from lenet_sweep.core.data import Split, load_splits
+from lenet_sweep.core.models import build
+from lenet_sweep.core.state import TrainResult
+from lenet_sweep.sweep import protocol
+from lenet_sweep.sweep.trial_link import TrialLink
+from lenet_sweep.tracking import params as run_params
+from lenet_sweep.tracking import store
+from lenet_sweep.tracking.runs import TrackedRun
+
+log = logging.getLogger("lenet_sweep")
+TAG_RESUMED_FROM = "lenet_sweep.resumed_from"  # a resume that could not continue its own run
+
+
+@dataclass
+class HydraJob:
+    """What this job takes from Hydra: its output dir, the user's overrides, the group options
+    chosen, the sweeper's settings (its pruner and storage)."""
+
+    output_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    choices: dict = field(default_factory=dict)
+    sweeper_cfg: DictConfig | None = None
+
+    @classmethod
+    def current(cls) -> HydraJob:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return cls()  # called as a function (tests, notebooks)
+        hc = HydraConfig.get()
+        overrides = [o for o in hc.overrides.task if not protocol.is_trial_override(o)]
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+        return cls(hc.runtime.output_dir, overrides, choices, hc.sweeper)
+
+
+@dataclass
+class Job:
+    """One run: `prepare` reads and checks everything and opens its MLflow run, `train_args`
+    feeds a trainer, `complete` records the result. `lenet_sweep.job.run` does it for one run;
+    the fused launcher prepares several and trains them together."""
+
+    cfg: DictConfig
+    device: torch.device
+    uri: str
+    experiment_id: str
+    hydra: HydraJob
+    link: TrialLink | None
+    train_split: Split
+    test_split: Split
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    resume: Checkpoint | None
+    mlrun: TrackedRun
+    recorded: bool = False
+
+    @classmethod
+    def prepare(cls, cfg: DictConfig) -> Job:
+        """Check, load and build; then open the MLflow run (RUNNING) and record the set-up."""
+        config.validate(cfg)
+        device = config.resolve_device(cfg.device)
+        uri = store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        experiment_id = store.prepare_experiment(uri, cfg.mlflow.experiment)
+        store.repair_orphaned_runs(uri, experiment_id)
+        hydra_job = HydraJob.current()
+        link = TrialLink.current(hydra_job.sweeper_cfg)
+        # Data, model and checkpoint first: bad input fails before any MLflow run exists.
+        train_split, test_split = load_splits(cfg.data, device)
+        net, optimizer = build_model(cfg, device)
+        resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
+        mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume)
+        if resume:
+            log.info("resuming %s after epoch %d", resume_path, resume.epoch)
+        return cls(
+            cfg,
+            device,
+            uri,
+            experiment_id,
+            hydra_job,
+            link,
+            train_split,
+            test_split,
+            net,
+            optimizer,
+            resume,
+            mlrun,
+        )
+
+    def hooks(self) -> list:
+        """This run's per-epoch hooks (`_epoch_hooks`)."""
+        return _epoch_hooks(self.cfg, self.hydra, self.mlrun, self.link)
+
+    def train_args(self) -> dict:
+        """Everything a trainer takes after (net, optimizer, train split, test split)."""
+        cfg = self.cfg
+        return {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "progress": cfg.progress,
+            "resume": self.resume,
+            "hooks": self.hooks(),
+            "autocast": config.autocast_dtype(cfg.precision),
+        }
+
+    def failed(self, error: BaseException) -> None:
+        """What a run that diverged records before its run ends FAILED."""
+        if isinstance(error, hooks.Diverged):
+            self.mlrun.log_metrics({"train_loss": error.loss}, step=error.epoch)
+            self.mlrun.set_tags({"diverged": "true", "diverged_at_epoch": error.epoch})
+
+    def record(self, result: TrainResult) -> None:
+        """The slow part of completing: totals, curves, the model (the fused launcher does it as
+        a member leaves its group, while the others go on training)."""
+        self.mlrun.log_record(result, self.net)
+        self.recorded = True
+
+    def complete(self, result: TrainResult) -> dict[str, float]:
+        """Record a finished training (unless `record` did), log its lines, mark the trial's
+        state; the run itself ends when its TrackedRun closes."""
+        if not self.recorded:
+            self.record(result)
+        link = store.ui_link(self.uri, self.experiment_id)
+        log.info("MLflow run %s: %s", self.mlrun.run_id, link)
+        _print_seed_lines(result, self.device)
+        if self.link is not None:
+            self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
+            self.link.completed(result.train_time_s + result.eval_time_s)
+        return result.metrics()
+
+
+def build_model(cfg: DictConfig, device: torch.device):
+    """The configured net (seeded, Xavier-initialised) and its torch.optim optimizer."""
+    make_net = instantiate(cfg.model, _partial_=True)
+    return build(make_net, instantiate(cfg.optimizer), cfg.seed, device)
+
+
+def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> TrackedRun:
+    """The run's MLflow run, RUNNING: the resumed one where it may go on, else a new one, with its
+    params, config and (resumed) the epochs it has."""
+    params = run_params.run_params(cfg, job.choices)
+    name, tags = _run_name(cfg, params), _tags(device, job, link, cfg)
+    client = store.client(uri)
+    run_id = resume and run_params.continuable(client, resume.mlflow_run_id, params)
+    if resume and not run_id:  # a finished run, or other settings (epochs): a new run
+        tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
+    mlrun = TrackedRun(uri, experiment_id, name, tags, run_id)
+    with ended_on_error(mlrun):
+        if link is not None:
+            link.started(mlrun.run_id)
+        if not run_id:
+            mlrun.log_params(params)
+            mlrun.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if resume:
+            mlrun.log_missing_epochs(resume.history)
+    return mlrun
+
+
+def _run_name(cfg: DictConfig, params: dict) -> str:
+    """mlflow.run_name, else the sweeper's trial name, else the config: `lenet sgd lr=0.9 ep=10`."""
+    if cfg.mlflow.run_name or cfg.trial.name:
+        return str(cfg.mlflow.run_name or cfg.trial.name)
+    return f"{params['model']} {params['optimizer']} lr={cfg.lr:g} ep={cfg.epochs}"
+
+
+def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dict[str, str]:
+    tags = {"device": str(device), "mlflow.source.name": "lenet_sweep"}
+    if job.output_dir:
+        tags["hydra.output_dir"] = job.output_dir
+    if job.overrides:
+        tags["hydra.overrides"] = " ".join(job.overrides)
+    if commit := run_params.git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if link is not None:
+        tags.update(link.run_tags(cfg.trial.parent_run_id))
+    elif cfg.trial.parent_run_id:
+        tags[protocol.TAG_PARENT_RUN] = str(cfg.trial.parent_run_id)
+    return tags
+
+
+@contextlib.contextmanager
+def ended_on_error(mlrun: TrackedRun):
+    """End the run (FAILED, or KILLED on an interrupt) if the block raises; else leave it open."""
+    try:
+        yield
+    except BaseException as e:
+        mlrun.close(e)
+        raise
+
+
+def _epoch_hooks(cfg, job: HydraJob, mlrun: TrackedRun, link: TrialLink | None) -> list:
+    """After each epoch, in order: stop if diverged, checkpoint, record, maybe prune."""
+    epoch_hooks = [hooks.stop_on_divergence(cfg.divergence_threshold)]
+    if job.output_dir:
+        path = Path(job.output_dir) / CHECKPOINT_FILE
+        identity = config.identity_text(cfg)
+        epoch_hooks.append(
+            hooks.save_checkpoint(path, mlflow_run_id=mlrun.run_id, identity=identity)
+        )
+    epoch_hooks.append(hooks.log_epoch(mlrun))
+    if link is not None:
+
+        def end_pruned(state) -> None:  # a pruned trial is a normal end, marked by its tag
+            mlrun.set_tags({protocol.TAG_TRIAL_STATE: "PRUNED", "pruned_at_epoch": state.epoch})
+            mlrun.log_record(state.result, state.net)
+            mlrun.end("FINISHED")
+
+        epoch_hooks.append(hooks.prune(link, end_pruned))
+    return epoch_hooks
+
+
+def _print_seed_lines(result: TrainResult, device) -> None:
+    """train_ch6's two closing lines."""
+    final = result.final
+    log.info(
+        "loss %.3f, train acc %.3f, test acc %.3f",
+        final["train_loss"],
+        final["train_acc"],
+        final["test_acc"],
+    )
+    log.info("%.1f examples/sec on %s", result.examples_per_sec, device)

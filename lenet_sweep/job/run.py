@@ -1,0 +1,38 @@
+"""The Hydra task of a single run (and of each trial a process launcher runs): prepare the job,
+train it with the trainer for its device, record it; returns the final metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from lenet_sweep import signals, speed
+from lenet_sweep.core.state import TrainResult
+from lenet_sweep.core.train import train
+from lenet_sweep.job.job import Job, log
+
+
+def trainer_for(cfg: DictConfig, device) -> Callable[..., TrainResult]:
+    """The CUDA-graph trainer on CUDA (unless cuda_graph=false), else the eager loop."""
+    if device.type == "cuda" and cfg.cuda_graph:
+        from lenet_sweep.fused.engine import train_graphed
+
+        return train_graphed
+    return train
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train once and record it; returns the final metrics (a sweep's objectives pick from them)."""
+    job = Job.prepare(cfg)
+    with signals.stop_on_signals(), job.mlrun, speed.training([job.net], job.device):
+        log.info("training on %s", job.device)
+        trainer = trainer_for(cfg, job.device)
+        try:
+            result = trainer(
+                job.net, job.optimizer, job.train_split, job.test_split, **job.train_args()
+            )
+        except Exception as e:
+            job.failed(e)
+            raise
+        return job.complete(result)

@@ -1,0 +1,238 @@
+"""The sweep loop: ask a batch of trials, launch it through Hydra's launcher, tell the results.
+
+What the official hydra-optuna-sweeper lacks and this adds: n_trials is the study's total (a
+rerun finishes what is left), dead workers' trials are failed first, pruning reaches jobs in
+other processes, NaN/inf/raising jobs fail only their trial, several workers share one study
+without overshooting n_trials (lenet_sweep.sweep.storage), and the sweep is one MLflow parent
+run with a child run per trial (lenet_sweep.sweep.parent_run). Jobs and sweeper meet through
+lenet_sweep.sweep.protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import optuna
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from lenet_sweep import signals
+from lenet_sweep.config.plugins import LenetOptunaSweeperConf
+from lenet_sweep.errors import mask_url
+from lenet_sweep.sweep import protocol, report, search_space
+from lenet_sweep.sweep import storage as study_storage
+from lenet_sweep.sweep.parent_run import NoSweepRun, SweepRun, kill_trial_runs
+from lenet_sweep.sweep.report import SweepFailed
+from lenet_sweep.sweep.setup import SweepSetup
+from lenet_sweep.tracking import store as tracking_store
+
+log = logging.getLogger("lenet_sweep.sweep")
+
+
+_ABSENT = object()
+_SHORT = {"epochs": "ep", "batch_size": "bs"}  # in trial names, which the MLflow UI cuts
+
+
+def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) -> TrialState:
+    """Store one job's outcome in its trial; returns the trial's state."""
+    if outcome.state == TrialState.FAIL:
+        trial.set_user_attr(protocol.FAIL_REASON, outcome.reason)
+        log.warning("trial %d failed: %s", trial.number, outcome.reason)
+    elif outcome.state == TrialState.PRUNED:
+        log.info("trial %d pruned (%s)", trial.number, outcome.reason)
+    study_storage.tell(study, trial, values=outcome.values, state=outcome.state)
+    return outcome.state
+
+
+def trial_name(number: int, params: dict) -> str:
+    """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
+    shown = (
+        f"{_SHORT.get(k, k)}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items()
+    )
+    return " ".join([f"t{number:03d}", *shown])
+
+
+class OptunaSweep:
+    """One sweep process: settings + Hydra's composed config + a launcher."""
+
+    def __init__(
+        self,
+        settings: LenetOptunaSweeperConf,
+        config: DictConfig,
+        launcher,
+        group_options: Callable[[str], list[str]],
+    ):
+        self.settings, self.config, self.launcher = settings, config, launcher
+        self.setup = SweepSetup(settings, config, group_options)
+        self.directions, self.objectives = self.setup.directions, self.setup.objectives
+        self.sweep_dir = self.setup.sweep_dir
+        self.mlflow_uri = None
+        if settings.mlflow:  # the app's `mlflow` node says where (lenet_sweep's config has one)
+            self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
+
+    def run(self, arguments: list[str]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._run(arguments)
+        except MlflowException as e:  # the tracking server went away (or never came)
+            first = mask_url(str(e)).splitlines()[0][:300]
+            raise SweepFailed(
+                f"MLflow at {mask_url(str(self.mlflow_uri))} failed: {first}; start "
+                "the tracking server (or fix MLFLOW_TRACKING_URI) and rerun the "
+                "same command: the study goes on"
+            ) from e
+
+    def _run(self, arguments: list[str]) -> None:
+        settings = self.settings
+        space, fixed = self.setup.check(arguments)
+        sampler = self.setup.sampler(space)
+        if self.mlflow_uri:
+            experiment_id = tracking_store.prepare_experiment(
+                self.mlflow_uri, self.config.mlflow.experiment
+            )
+        storage = study_storage.open_storage(
+            settings.storage, settings.heartbeat_interval, settings.grace_period
+        )
+        study = self.setup.open_study(storage, sampler)
+        dead = study_storage.fail_dead_workers(study)
+        if self.mlflow_uri:
+            kill_trial_runs(self.mlflow_uri, dead)
+        log.info(
+            "study %s in %s: %d/%d trials done, sampler %s, search space %s",
+            study.study_name,
+            mask_url(settings.storage),
+            study_storage.budget_used(study),
+            settings.n_trials,
+            type(sampler).__name__,
+            {k: repr(v) for k, v in space.items()},
+        )
+        with study_storage.ask_lock(storage, settings.storage):
+            parent = (
+                NoSweepRun()
+                if not self.mlflow_uri
+                else SweepRun.open(
+                    self.mlflow_uri,
+                    experiment_id,
+                    study,
+                    {
+                        "study_name": study.study_name,
+                        "storage": settings.storage,
+                        "sampler": type(sampler).__name__,
+                        "pruner": type(self.setup.pruner()).__name__,
+                        "direction": self.directions,
+                        "objectives": self.objectives,
+                        "n_trials": settings.n_trials,
+                        "search_space": {k: repr(v) for k, v in space.items()},
+                    },
+                )
+            )
+            self.setup.enqueue(study)
+        parent.set_tags({"sweep_dir": self.sweep_dir})
+        started = time.perf_counter()
+        with protocol.storage_env(settings.storage):
+            states = self._loop(study, storage, space, fixed, parent)
+        report.finish(self, study, parent, len(states), time.perf_counter() - started)
+
+    # --- the loop ------------------------------------------------------------------------
+    def _loop(self, study, storage, space, fixed, parent: SweepRun) -> list[TrialState]:
+        """Ask, launch, tell until the budget is spent, failures pass the rate, or a signal."""
+        heartbeat = study_storage.Heartbeat(
+            storage, study.study_name, self.settings.heartbeat_interval
+        )
+        heartbeat.start()
+        states: list[TrialState] = []
+        in_flight: list[optuna.Trial] = []
+        lost = 0  # trials whose job process died (killed, out of memory, node lost)
+        try:
+            with signals.stop_on_signals():
+                while not signals.check() and (in_flight := self._ask(study, storage)):
+                    heartbeat.watch(in_flight)
+                    overrides = [self._overrides(t, space, fixed, parent.run_id) for t in in_flight]
+                    try:
+                        returns = self.launcher.launch(
+                            overrides, initial_job_idx=in_flight[0].number
+                        )
+                    except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
+                        lost += self._batch_lost(study, in_flight, e)
+                        heartbeat.watch([])
+                        if lost / self.settings.n_trials > self.settings.max_failure_rate:
+                            raise SweepFailed(
+                                f"{lost} trials lost with their job processes, "
+                                f"last: {type(e).__name__}: {mask_url(str(e))[:300]}; "
+                                "see the launcher's job logs"
+                            ) from e
+                        continue
+                    outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
+                    for trial, outcome in zip(in_flight, outcomes, strict=True):
+                        states.append(record(study, trial, outcome))
+                    report.log_progress(study, in_flight, outcomes, self.objectives)
+                    heartbeat.watch([])
+                    if report.too_many_failures(study, self.settings):
+                        break
+        except BaseException:
+            # Interrupted: fail this worker's in-flight trials (they run again on the next start).
+            for trial in in_flight:
+                with contextlib.suppress(Exception):
+                    study_storage.tell(study, trial, state=TrialState.FAIL)
+            with contextlib.suppress(Exception):
+                parent.end("KILLED")
+            raise
+        finally:
+            heartbeat.stopped.set()
+        return states
+
+    def _batch_lost(self, study, in_flight: list[optuna.Trial], error: Exception) -> int:
+        """A job process died (submitit and Ray raise for the whole batch): fail the batch's
+        trials without a fail_reason, so that new trials replace them, and end their MLflow runs
+        KILLED. Returns how many were lost."""
+        log.warning(
+            "a job of trials %s died (%s: %s); failing the batch, its trials run again",
+            [t.number for t in in_flight],
+            type(error).__name__,
+            mask_url(str(error)).splitlines()[0][:300] if str(error) else "",
+        )
+        for trial in in_flight:
+            study_storage.tell(study, trial, state=TrialState.FAIL)
+        if self.mlflow_uri:
+            numbers = {t.number for t in in_flight}
+            lost = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
+            kill_trial_runs(self.mlflow_uri, lost)
+        return len(in_flight)
+
+    def _ask(self, study, storage) -> list[optuna.Trial]:
+        with study_storage.ask_lock(storage, self.settings.storage):
+            left = self.settings.n_trials - study_storage.budget_used(study)
+            with study_storage.heartbeat_warnings_off():
+                trials = [study.ask() for _ in range(max(0, min(self.settings.n_jobs, left)))]
+            for trial in trials:
+                trial.set_user_attr(protocol.WORKER_HOST, tracking_store.HOST)
+                trial.set_user_attr(protocol.WORKER_PID, os.getpid())
+        return trials
+
+    def _overrides(self, trial, space, fixed, parent_run_id) -> list[str]:
+        for name, dist in space.items():
+            search_space.suggest(trial, name, dist)
+        if self.settings.custom_search_space:
+            get_method(self.settings.custom_search_space)(self.config, trial)
+        overrides = [
+            f"{self._key(k)}={search_space.format_value(v)}" for k, v in trial.params.items()
+        ]
+        overrides += [f"{k}={v}" for k, v in fixed.items() if k not in trial.params]
+        overrides += protocol.job_env(trial.number, trial.study.study_name)
+        if "trial" in self.config:  # an app with a trial node gets its MLflow bookkeeping too
+            name = trial_name(trial.number, trial.params)
+            overrides += protocol.trial_overrides(
+                trial.number, name, trial.study.study_name, parent_run_id
+            )
+        return overrides
+
+    def _key(self, key: str) -> str:
+        """`+key` for a parameter the app's config lacks (one a custom search space added)."""
+        missing = OmegaConf.select(self.config, key, default=_ABSENT) is _ABSENT
+        return f"+{key}" if missing else key

@@ -1,0 +1,83 @@
+"""A study's MLflow parent run (one per study, reopened when the sweep resumes), and the end of
+the runs of trials whose worker died."""
+
+from __future__ import annotations
+
+import contextlib
+
+from lenet_sweep.sweep import protocol
+from lenet_sweep.tracking.figures import log_study_plots
+from lenet_sweep.tracking.runs import Run
+from lenet_sweep.tracking.store import client
+
+
+class SweepRun(Run):
+    """A study's parent run: one per study, reopened when the sweep resumes."""
+
+    def __init__(self, uri: str, run_id: str, experiment_id: str):
+        super().__init__(uri, run_id)
+        self.experiment_id = experiment_id
+
+    @classmethod
+    def open(cls, uri: str, experiment_id: str, study, params: dict) -> SweepRun:
+        """The study's parent run, created on first use (call under the study's ask lock)."""
+        run_id = study.user_attrs.get(protocol.PARENT_RUN_ID)
+        if run_id is not None:
+            run = cls(uri, run_id, experiment_id)
+            run.client.update_run(run_id, status="RUNNING")
+            return run
+        tags = {protocol.TAG_ROLE: "sweep", protocol.TAG_STUDY_NAME: study.study_name}
+        created = client(uri).create_run(
+            experiment_id, run_name=f"sweep {study.study_name}", tags=tags
+        )
+        run = cls(uri, created.info.run_id, experiment_id)
+        study.set_user_attr(protocol.PARENT_RUN_ID, run.run_id)
+        run.log_params(params)
+        return run
+
+    def record_best(self, study, best: list, results: dict, objectives: list[str]) -> None:
+        """The best trial (the Pareto front: several): metrics, tags naming its run and model,
+        the results file and Optuna's plots."""
+        run_ids = [t.user_attrs.get(protocol.MLFLOW_RUN_ID) for t in best]
+        if len(objectives) == 1:
+            self.log_metrics({"best_value": best[0].value})
+            tags = {
+                "best_trial": best[0].number,
+                "best_run_id": run_ids[0],
+                "best_model_uri": f"runs:/{run_ids[0]}/model",
+                **{f"best.{k}": v for k, v in best[0].params.items()},
+            }
+        else:
+            tags = {
+                "pareto_trials": ",".join(str(t.number) for t in best),
+                "pareto_run_ids": ",".join(map(str, run_ids)),
+            }
+        self.set_tags(tags)
+        self.client.log_dict(self.run_id, results, "optimization_results.yaml")
+        log_study_plots(self, study, objectives)
+
+
+class NoSweepRun:
+    """The parent run of a sweep whose MLflow part is off (hydra.sweeper.mlflow=false)."""
+
+    run_id = experiment_id = None
+
+    def set_tags(self, tags) -> None:
+        pass
+
+    def end(self, status: str) -> None:
+        pass
+
+    def record_best(self, *args) -> None:
+        pass
+
+
+def kill_trial_runs(uri: str, trials) -> None:
+    """End the MLflow runs of trials failed because their worker died (if still RUNNING)."""
+    mlflow_client = client(uri)
+    for trial in trials:
+        run_id = trial.user_attrs.get(protocol.MLFLOW_RUN_ID)
+        with contextlib.suppress(Exception):  # a run already gone or ended is left as it is
+            if run_id and mlflow_client.get_run(run_id).info.status == "RUNNING":
+                mlflow_client.set_terminated(run_id, status="KILLED")
+                mlflow_client.set_tag(run_id, protocol.TAG_TRIAL_STATE, "FAIL (worker died)")

@@ -1,0 +1,161 @@
+"""The sweeper <-> job protocol: every key both sides share, and what a job's return means.
+
+A trial's job may run in the sweeper's process or in another one (joblib, SLURM, Ray), so the two
+sides meet only through Hydra overrides, one environment variable, the Optuna storage and the
+MLflow store. End to end, in order:
+
+1. The sweeper asks a trial and marks it with WORKER_HOST and WORKER_PID, so that a later start
+   can fail the trial if this worker dies. It creates the study's MLflow parent run once and
+   keeps its id in the study user attr PARENT_RUN_ID (a resumed sweep reopens it).
+2. It launches the job with `job_env` (TRIAL_ENV, STUDY_ENV: Hydra sets them in the job's
+   environment) and the storage URL in STORAGE_ENV, set by `storage_env`: not an override,
+   because Hydra logs overrides and the URL may hold a password; launcher processes inherit
+   it. An app whose config has a `trial` node also gets `trial_overrides` (TRIAL_NUMBER,
+   TRIAL_NAME for its MLflow run, TRIAL_STUDY, TRIAL_PARENT_RUN).
+3. The job (lenet_sweep.sweep.trial_link) opens that storage (where the variable did not travel, as on a
+   Ray cluster's workers: its own composed `hydra.sweeper.storage`), finds its trial by number
+   and rebuilds the pruner from its composed `hydra.sweeper.pruner` (Optuna does not store
+   pruners). It
+   writes MLFLOW_RUN_ID once its run exists, reports each epoch's objective (the pruner may stop
+   it: TrialPruned) and, when done, TRAIN_TIME_S. Its MLflow run carries TAG_PARENT_RUN,
+   TAG_STUDY_NAME, TAG_TRIAL_NUMBER and, at its end, TAG_TRIAL_STATE.
+4. The job returns its metrics (a mapping; a number or a list of numbers from other apps) or
+   raises. The sweeper turns the JobReturn into an Outcome (`job_outcome`, the values of the
+   objectives it names), tells the study, and on failure writes FAIL_REASON: such a trial counts
+   toward n_trials, while one failed by a dead worker (no FAIL_REASON) is run again.
+5. Repair on the next start: trials of dead workers are failed and their MLFLOW_RUN_ID runs KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import optuna
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.trial import TrialState
+
+from lenet_sweep.errors import mask_url
+
+# Overrides the sweeper gives each job (the `trial` node of the job's config).
+TRIAL_PREFIX = "trial."
+TRIAL_NUMBER = "trial.number"
+TRIAL_NAME = "trial.name"
+TRIAL_STUDY = "trial.study_name"
+TRIAL_PARENT_RUN = "trial.parent_run_id"
+STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # the storage URL, for jobs in any process
+# The job's trial, in its environment while it runs (Hydra's hydra.job.env_set): any app.
+TRIAL_ENV, STUDY_ENV = "LENET_SWEEP_TRIAL", "LENET_SWEEP_STUDY"
+
+# Optuna user attrs: on trials, and the one on the study.
+WORKER_HOST = "worker_host"
+WORKER_PID = "worker_pid"
+MLFLOW_RUN_ID = "mlflow_run_id"
+TRAIN_TIME_S = "train_time_s"  # training + evaluation, for the sweep's overhead line
+FAIL_REASON = "fail_reason"
+PARENT_RUN_ID = "mlflow_parent_run_id"
+ENQUEUED = "enqueued"  # on the study: hydra.sweeper.enqueue was done, never again
+
+# MLflow tags.
+TAG_PARENT_RUN = "mlflow.parentRunId"
+TAG_STUDY_NAME = "optuna.study_name"
+TAG_TRIAL_NUMBER = "optuna.trial_number"
+TAG_TRIAL_STATE = "optuna.trial_state"
+TAG_ROLE = "lenet_sweep.role"  # "sweep" on parent runs
+
+
+def trial_overrides(number: int, name: str, study_name: str, parent_run_id: str) -> list[str]:
+    from lenet_sweep.sweep.search_space import format_value
+
+    return [
+        f"{TRIAL_NUMBER}={number}",
+        f"{TRIAL_NAME}={format_value(name)}",
+        f"{TRIAL_STUDY}={format_value(study_name)}",
+        f"{TRIAL_PARENT_RUN}={parent_run_id}",
+    ]
+
+
+def job_env(number: int, study_name: str) -> list[str]:
+    """Hydra overrides that put the trial into the job's environment, under any launcher."""
+    from lenet_sweep.sweep.search_space import format_value
+
+    return [
+        f"++hydra.job.env_set.{TRIAL_ENV}={number}",
+        f"++hydra.job.env_set.{STUDY_ENV}={format_value(study_name)}",
+    ]
+
+
+def is_trial_override(override: str) -> bool:
+    return override.startswith(TRIAL_PREFIX)
+
+
+@contextlib.contextmanager
+def storage_env(url: str) -> Iterator[None]:
+    """STORAGE_ENV = url while jobs run; the previous value (or none) afterwards."""
+    previous = os.environ.get(STORAGE_ENV)
+    os.environ[STORAGE_ENV] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(STORAGE_ENV, None)
+        else:
+            os.environ[STORAGE_ENV] = previous
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the study records for one job: its state, its values (COMPLETE; one per objective),
+    why it failed (FAIL)."""
+
+    state: TrialState
+    values: list[float] | None = None
+    reason: str | None = None
+
+
+def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
+    """Finite values of the objectives -> COMPLETE; TrialPruned -> PRUNED; else FAIL, with why.
+
+    A job returns a mapping of metrics (the objectives are looked up by name), or, from an app
+    that knows the objectives itself, one number or a list of numbers in their order.
+    """
+    if ret.status != JobStatus.COMPLETED:
+        error = job_exception(ret)
+        if isinstance(error, optuna.TrialPruned):
+            return Outcome(TrialState.PRUNED, reason=str(error) or None)
+        return _failed(error)
+    returned = ret.return_value
+    try:
+        if isinstance(returned, Mapping):
+            values = [float(returned[name]) for name in objectives]
+        else:
+            values = [
+                float(v) for v in (returned if isinstance(returned, Sequence) else [returned])
+            ]
+    except (KeyError, TypeError, ValueError):
+        return _failed(ValueError(f"job returned {returned!r}, not values for {objectives}"))
+    if len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
+        return _failed(ValueError(f"job returned {_shown(values)} for {objectives}"))
+    return Outcome(TrialState.COMPLETE, values=values)
+
+
+def _shown(values: list[float]) -> str:
+    return str(values[0]) if len(values) == 1 else str(values)
+
+
+def job_exception(ret: JobReturn) -> BaseException:
+    """The exception a failed job raised.
+
+    Private API: Hydra's public JobReturn.return_value re-raises a failed job's exception after
+    printing "Error executing job ..." (facebookresearch/hydra#1465, the partial-failure design
+    of #1377); the exception alone is only in `_return_value`. It can go when JobReturn exposes
+    the exception without raising it.
+    """
+    return ret._return_value
+
+
+def _failed(error: BaseException) -> Outcome:
+    return Outcome(TrialState.FAIL, reason=f"{type(error).__name__}: {mask_url(str(error))}"[:500])

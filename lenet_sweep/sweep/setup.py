@@ -1,0 +1,148 @@
+"""A sweep's set-up from its settings: directions and objectives, defaults that need the app,
+the checks before anything starts, the search space, sampler, pruner, the study, warm starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from lenet_sweep import OUTPUTS_DIR
+from lenet_sweep.config.knobs import check_knobs
+from lenet_sweep.config.plugins import LenetOptunaSweeperConf
+from lenet_sweep.errors import UserError, describe, mask_url
+from lenet_sweep.stores import check_sqlite, check_writable_dir
+from lenet_sweep.sweep import protocol
+from lenet_sweep.sweep.search_space import grid_choices, parse
+
+log = logging.getLogger("lenet_sweep.sweep")
+
+
+class SweepSetup:
+    """hydra.sweeper.* + the app's composed config -> what the sweep loop needs."""
+
+    def __init__(
+        self,
+        settings: LenetOptunaSweeperConf,
+        config: DictConfig,
+        group_options: Callable[[str], list[str]],
+    ):
+        self.settings, self.config = settings, config
+        self.group_options = group_options  # a config group's options, from Hydra's loader
+        direction = settings.direction
+        self.directions = [direction] if isinstance(direction, str) else list(direction)
+        # The job's metrics to optimise, the first one per direction (an app's plain return
+        # values are value, or value_0, value_1, ...).
+        n = len(self.directions)
+        named = list(
+            settings.objectives or (["value"] if n == 1 else [f"value_{i}" for i in range(n)])
+        )
+        self.objectives = named[:n]
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        # Defaults that need the app: a study named after it, stored beside its jobs.
+        settings.study_name = settings.study_name or config.hydra.job.name
+        self.own_storage = settings.storage is None
+        if self.own_storage:
+            settings.storage = f"sqlite:///{self.sweep_dir.resolve() / 'optuna.db'}"
+
+    def check(self, arguments: list[str]) -> tuple[dict, dict]:
+        """Everything a trial would fail on, refused before any study, run or folder exists;
+        returns the search space and the fixed values."""
+        check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
+        self.check_objectives()
+        space, fixed = self.search_space(arguments)
+        if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say
+            get_method(self.settings.app_checks)(self.config, space, self.group_options)
+        own_dir = self.sweep_dir if self.own_storage else OUTPUTS_DIR
+        check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", own_dir)
+        check_writable_dir(
+            self.sweep_dir,
+            f"hydra.sweep.dir={self.sweep_dir}",
+            "make it writable or set hydra.sweep.dir to a writable folder",
+        )
+        return space, fixed
+
+    def check_objectives(self) -> None:
+        if not self.directions or not set(self.directions) <= {"maximize", "minimize"}:
+            raise UserError(
+                f"hydra.sweeper.direction={self.settings.direction}: must be "
+                "maximize, minimize or a list of them"
+            )
+        if len(self.objectives) != len(self.directions):
+            raise UserError(
+                f"hydra.sweeper.objectives={self.objectives}: name one metric per "
+                f"direction ({len(self.directions)}), e.g. [test_acc, train_time_s]"
+            )
+        if len(self.directions) > 1 and not isinstance(self.pruner(), optuna.pruners.NopPruner):
+            raise UserError(
+                "hydra.sweeper.pruner: Optuna cannot prune a study with several "
+                "objectives; use hydra/sweeper/pruner=none or one direction"
+            )
+
+    def search_space(self, arguments: list[str]):
+        params = self.settings.params or {}
+        params_conf = [f"{k}={v}" for k, v in params.items()]
+        space, fixed = parse(
+            params_conf + list(arguments), inclusive_range_end=self.settings.inclusive_range_end
+        )
+        if not space and not self.settings.custom_search_space:
+            raise UserError(
+                "the search space is empty; give hydra.sweeper.params or overrides such as "
+                "'lr=tag(log, interval(0.01, 3.0))'"
+            )
+        return space, fixed
+
+    def sampler(self, space) -> optuna.samplers.BaseSampler:
+        # Hydra instantiates the sweeper recursively: sampler and pruner arrive built (grid partial).
+        sampler = self.settings.sampler
+        if not sampler:
+            return optuna.samplers.TPESampler()
+        if isinstance(sampler, functools.partial):  # grid: needs the space listed
+            if sampler.func is optuna.samplers.GridSampler:
+                grid = grid_choices(space)
+                size = math.prod(len(v) for v in grid.values())
+                if size < self.settings.n_trials:
+                    log.info(
+                        "grid has %d points: n_trials %d -> %d", size, self.settings.n_trials, size
+                    )
+                    self.settings.n_trials = size
+                return sampler(grid)
+            sampler = sampler()
+        return sampler
+
+    def enqueue(self, study: optuna.Study) -> None:
+        """Warm start: hydra.sweeper.enqueue's parameter sets go first, once per study (a
+        resumed sweep finds them enqueued already). Call under the ask lock."""
+        if self.settings.enqueue and not study.user_attrs.get(protocol.ENQUEUED):
+            for params in self.settings.enqueue:
+                study.enqueue_trial(dict(params), skip_if_exists=True)
+            study.set_user_attr(protocol.ENQUEUED, len(self.settings.enqueue))
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        if not isinstance(self.settings.pruner, optuna.pruners.BasePruner):
+            return optuna.pruners.NopPruner()  # pruner: none composes to an empty node
+        return self.settings.pruner
+
+    def open_study(self, storage, sampler) -> optuna.Study:
+        try:
+            return optuna.create_study(
+                study_name=self.settings.study_name,
+                storage=storage,
+                sampler=sampler,
+                pruner=self.pruner(),
+                directions=self.directions,
+                load_if_exists=True,
+            )
+        except Exception as e:  # noqa: BLE001
+            raise UserError(
+                f"cannot open study {self.settings.study_name!r} in "
+                f"{mask_url(self.settings.storage)} ({describe(e)}); "
+                "fix hydra.sweeper.storage / study_name"
+            ) from e

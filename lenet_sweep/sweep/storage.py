@@ -1,0 +1,173 @@
+"""The study's storage: opening it, the ask lock, heartbeats, repair of dead workers, the budget.
+
+What lets several workers (processes or hosts) share one study without losing or overshooting
+trials. The sweep loop (lenet_sweep.sweep) and the job's trial link use only this and Optuna's
+public API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lenet_sweep.errors import UserError, describe, mask_url
+from lenet_sweep.stores import sqlite_lock
+from lenet_sweep.sweep import protocol
+from lenet_sweep.tracking.store import HOST, pid_alive
+
+log = logging.getLogger("lenet_sweep.sweep")
+
+
+# Trials that count toward n_trials; FAIL ones count only when the job itself failed
+# (a trial failed because its worker died is run again).
+_BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+_PG_ASK_LOCK = 0x1E9E75  # one PostgreSQL advisory lock id for lenet_sweep's ask step
+
+
+@contextlib.contextmanager
+def heartbeat_warnings_off() -> Iterator[None]:
+    """Optuna warns of what we do on purpose: heartbeats (an experimental API) kept outside
+    optimize(), by our own Heartbeat thread. Scoped to the calls that warn."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def open_storage(
+    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> optuna.storages.RDBStorage:
+    """The study's RDB storage (heartbeats on when given). sqlite: created under its lock;
+    other databases: a table-creation race between workers is retried."""
+    for attempt in range(5):
+        try:
+            with sqlite_lock(url), heartbeat_warnings_off():
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except Exception as e:  # noqa: BLE001 - driver errors vary: connection refused, bad URL...
+            racing = any(w in str(e) for w in ("already exists", "duplicate key", "UNIQUE"))
+            if racing and attempt < 4:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise UserError(
+                f"Optuna storage {mask_url(url)} is not reachable ({describe(e)}); "
+                "start the database or fix hydra.sweeper.storage"
+            ) from e
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def ask_lock(storage: optuna.storages.RDBStorage, url: str) -> Iterator[None]:
+    """Serialise count-then-ask across worker processes, so n_trials is never overshot."""
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        with storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_ASK_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_ASK_LOCK})
+                conn.commit()
+    else:  # sqlite: a file lock; other databases may overshoot n_trials by up to n_jobs - 1
+        with sqlite_lock(url):
+            yield
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """A trial's storage id from its number, through the storage's public API."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+def running_trial(study: optuna.Study, storage, number: int) -> optuna.Trial:
+    """The live Trial of a job running in another process than the one that asked it.
+
+    Workaround: Optuna hands out Trial objects only from ask() (or optimize()) in the asking
+    process, and has no public way to get one by number (optuna/optuna#2987); a job elsewhere
+    builds it the way optimize() does. It can go when Optuna offers such a call.
+    """
+    return optuna.trial.Trial(study, trial_id(storage, study.study_name, number))
+
+
+def tell(study: optuna.Study, trial: optuna.Trial | int, **kwargs) -> None:
+    """study.tell, which GridSampler may end with study.stop(): that raises outside optimize()."""
+    try:
+        study.tell(trial, skip_if_finished=True, **kwargs)
+    except RuntimeError as e:  # the state is stored by then (Optuna writes it in a finally)
+        if "Study.stop" not in str(e):
+            raise
+
+
+class Heartbeat(threading.Thread):
+    """Records a heartbeat for this worker's running trials (Optuna does this only in optimize)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str, interval: int):
+        super().__init__(daemon=True, name="optuna-heartbeat")
+        self.storage, self.study_name, self.interval = storage, study_name, interval
+        self.trial_ids: set[int] = set()
+        self.stopped = threading.Event()
+
+    def watch(self, trials: Iterable[optuna.Trial]) -> None:
+        """Beat for these trials from now on (none: stop beating), starting with one now."""
+        self.trial_ids = {trial_id(self.storage, self.study_name, t.number) for t in trials}
+        self.beat()
+
+    def beat(self) -> None:
+        for trial_id_ in list(self.trial_ids):
+            with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                self.storage.record_heartbeat(trial_id_)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.beat()
+
+
+def fail_dead_workers(study: optuna.Study) -> list[FrozenTrial]:
+    """Fail trials left RUNNING by dead workers; returns them (their MLflow runs need ending)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        attrs = trial.user_attrs
+        if attrs.get(protocol.WORKER_HOST) == HOST and not pid_alive(
+            attrs.get(protocol.WORKER_PID, 0)
+        ):
+            tell(study, trial.number, state=TrialState.FAIL)  # this host: its pid is gone
+    with heartbeat_warnings_off():
+        optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than grace period
+    before = {t.number for t in running}
+    repaired = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before
+    ]
+    if repaired:
+        numbers = [t.number for t in repaired]
+        log.warning(
+            "failed %d stale trial(s) left RUNNING by a dead worker: %s", len(numbers), numbers
+        )
+    return repaired
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state in _BUDGET_STATES
+        or (t.state == TrialState.FAIL and protocol.FAIL_REASON in t.user_attrs)
+    )
+
+
+def job_failures(study: optuna.Study) -> int:
+    """Trials failed by their own job (not by a dead worker or an interrupt)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return sum(1 for t in trials if protocol.FAIL_REASON in t.user_attrs)

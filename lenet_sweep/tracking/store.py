@@ -1,0 +1,142 @@
+"""Where MLflow runs go: the tracking URI, the experiment, and repair of runs of dead processes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import socket
+
+from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
+from lenet_sweep.errors import UserError, describe, mask_url
+from lenet_sweep.stores import SQLITE, check_sqlite, sqlite_lock, sqlite_path
+
+HOST = socket.gethostname()
+# Tags on every run we create, so a later start can tell a dead process's RUNNING run.
+TAG_HOST, TAG_PID = "lenet_sweep.host", "lenet_sweep.pid"
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model
+# training; this tag (read by the UI's experiment page) opens it on the runs table.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def configure_env() -> None:
+    """Fail fast on an unreachable tracking server instead of retrying for minutes (set by cli)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config key, else $MLFLOW_TRACKING_URI, else the project's sqlite store (absolute path)."""
+    uri = (
+        configured
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"{SQLITE}{OUTPUTS_DIR / 'mlflow.db'}"
+    )
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        # A relative sqlite path would split runs across stores by cwd: anchor it to the project.
+        uri = f"{SQLITE}{(PROJECT_ROOT / path).resolve()}"
+    return uri
+
+
+@functools.cache
+def client(uri: str):
+    """One MlflowClient per store and process: each new one builds its store again."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (MLflow's default, ./mlruns, depends on the cwd)."""
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "mlartifacts").resolve().as_uri()
+
+
+def prepare_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating the store and the experiment on first use.
+
+    A new sqlite store is built (tables and migrations) under its lock, so that runs and sweeps
+    starting together never leave it half-migrated.
+    """
+    if not name:
+        raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
+    check_sqlite(uri, "MLflow store", "MLFLOW_TRACKING_URI / mlflow.tracking_uri", OUTPUTS_DIR)
+    try:
+        with sqlite_lock(uri):
+            mlflow_client = client(uri)  # the first client of a new store creates its tables
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                with contextlib.suppress(Exception):  # a server: another worker made it first
+                    mlflow_client.create_experiment(name, _artifact_root(uri), {KIND_TAG: KIND})
+                experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise RuntimeError(f"experiment {name!r} could not be created")
+            if experiment.tags.get(KIND_TAG) is None:  # made before we tagged, or by someone else
+                mlflow_client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
+        raise _store_error(uri, name, e) from e
+    if experiment.lifecycle_stage != "active":
+        raise UserError(
+            f"mlflow.experiment={name}: the experiment is deleted in {mask_url(uri)}; restore it "
+            f"(MLflow UI, or `mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}` with MLFLOW_TRACKING_URI set) or pick another "
+            "mlflow.experiment"
+        )
+    return experiment.experiment_id
+
+
+def _store_error(uri: str, name: str, error: Exception) -> UserError:
+    text = str(error)
+    if "_alembic_tmp" in text or re.search(r"table \S+ already exists", text):
+        return UserError(
+            f"the MLflow store {mask_url(uri)} is half-migrated ({describe(error)}); move the "
+            "file aside (the next run makes a new one), or drop its _alembic_tmp_* tables and "
+            f"run `mlflow db upgrade {mask_url(uri)}`"
+        )
+    if "experiment name" in text.lower():
+        return UserError(f"mlflow.experiment={name}: not a usable name ({describe(error)})")
+    return UserError(
+        f"MLflow tracking URI {mask_url(uri)} is not usable ({describe(error)}); start the server "
+        "or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to a reachable store"
+    )
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    """How to see an experiment in the MLflow UI, on its runs table: MLflow 3.17's UI picks GenAI
+    or model-training pages by the `workflowType` in the link (then remembers it), not the tag."""
+    serve = f"mlflow ui --backend-store-uri {mask_url(uri)}" if sqlite_path(uri) else mask_url(uri)
+    return f"{serve}, then open /#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+_repaired: set[tuple[str, str]] = set()
+
+
+def repair_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this host that is gone (kill -9, power loss) -> KILLED.
+    Once per store and process: later runs of the process (a sweep's trials) find it done."""
+    if (uri, experiment_id) in _repaired:
+        return []
+    _repaired.add((uri, experiment_id))
+    mlflow_client = client(uri)
+    orphans = []
+    for run in mlflow_client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    ):
+        tags = run.data.tags
+        if tags.get(TAG_HOST) == HOST and not pid_alive(int(tags.get(TAG_PID, 0))):
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            mlflow_client.set_tag(run.info.run_id, "lenet_sweep.repaired", "process died")
+            orphans.append(run.info.run_id)
+    return orphans

@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 def _apply_value_overrides(overrides: list, cfg: DictConfig) -> None:
     """Hydra's own step that applies parsed value overrides to a composed config.
 
-    Private API: Hydra's ConfigLoader composes a whole config per call (its public
-    load_sweep_config), which takes most of a fused trial's preparation; applying values to a
-    copy of one composition is the step inside it. It can go when Hydra offers it publicly.
+    Private API: Hydra's public load_sweep_config composes a whole config per job, the slow part
+    of a large sweep's start (facebookresearch/hydra#1324) and of preparing fused trials;
+    applying values to a copy of one composition is the step inside it. It can go when Hydra
+    composes sweep jobs faster or offers this step publicly.
     """
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
@@ -23,7 +24,11 @@ def _apply_value_overrides(overrides: list, cfg: DictConfig) -> None:
 
 
 def _overrides_dirname(task: list, dirname) -> str:
-    """hydra.job.override_dirname as Hydra computes it (its internal helper, same module)."""
+    """hydra.job.override_dirname as Hydra computes it.
+
+    Private API: the helper load_sweep_config uses, in Hydra's internal module; it goes with
+    `_apply_value_overrides`.
+    """
     from hydra._internal.config_loader_impl import get_overrides_dirname
 
     return get_overrides_dirname(

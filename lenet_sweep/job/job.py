@@ -155,7 +155,8 @@ def build_model(cfg: DictConfig, device: torch.device):
 def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> TrackedRun:
     """The run's MLflow run, RUNNING: the resumed one where it may go on, else a new one, with its
     params, config and (resumed) the epochs it has."""
-    params = run_params.run_params(cfg, job.choices)
+    knobs = {k: cfg[k] for k in run_params.KNOBS}
+    params = run_params.run_params(config.identity(cfg), knobs, job.choices)
     name, tags = _run_name(cfg, params), _tags(device, job, link, cfg)
     client = store.client(uri)
     run_id = resume and run_params.continuable(client, resume.mlflow_run_id, params)

@@ -8,10 +8,9 @@ import subprocess
 from collections.abc import Mapping
 
 from lenet_sweep import PROJECT_ROOT
-from lenet_sweep.config.identity import identity
 from lenet_sweep.errors import mask_url
 
-KNOBS = ("epochs", "precision")  # the knobs a researcher compares besides the identity's
+KNOBS = ("epochs", "precision")  # what a researcher compares besides the identity's values
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
@@ -26,19 +25,18 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def run_params(cfg, choices: Mapping[str, str]) -> dict[str, object]:
-    """What a researcher sweeps and compares, each once: the identity's knobs, the model and
-    optimizer by name with their settings (not `optimizer.lr`, that is `lr`), the data by name
-    with the slice sizes used. Bookkeeping (checksums, paths, trial.*) stays in config.yaml."""
-    shaping = identity(cfg)
+def run_params(shaping: dict, knobs: Mapping, choices: Mapping[str, str]) -> dict[str, object]:
+    """What a researcher sweeps and compares, each once: the identity's values (`shaping`,
+    lenet_sweep.config.identity) and the other `knobs`, the model and optimizer by name with
+    their settings (not `optimizer.lr`, that is `lr`), the data by name with the slice sizes
+    used. Bookkeeping (checksums, paths, trial.*) stays in config.yaml."""
     params: dict[str, object] = {k: v for k, v in shaping.items() if not isinstance(v, dict)}
-    params.update({k: cfg[k] for k in KNOBS})
+    params.update(knobs)
     for group in ("model", "optimizer"):
         settings = shaping[group]
         params[group] = choices.get(group) or str(settings["_target_"]).rsplit(".", 1)[-1].lower()
-        params.update(
-            {f"{group}.{k}": v for k, v in settings.items() if not k.startswith("_") and k != "lr"}
-        )
+        shown = {k: v for k, v in settings.items() if not k.startswith("_") and k != "lr"}
+        params.update({f"{group}.{k}": v for k, v in shown.items()})
     data = shaping["data"]
     params["data"] = data["name"]
     params["data.train_size"] = data["train_size"] or data["num_train"]

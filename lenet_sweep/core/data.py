@@ -40,20 +40,12 @@ class Split:
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         """Yield (X, y) batches; shuffled through an on-device permutation when given a generator."""
-        n = len(self.labels)
-        if generator is None:
-            order = None
-        else:
-            order = torch.randperm(n, device=self.labels.device, generator=generator)
+        n, device = len(self.labels), self.labels.device
+        order = None if generator is None else torch.randperm(n, device=device, generator=generator)
         for start in range(0, n, batch_size):
-            if order is None:
-                yield (
-                    self.images[start : start + batch_size],
-                    self.labels[start : start + batch_size],
-                )
-            else:
-                idx = order[start : start + batch_size]
-                yield self.images[idx], self.labels[idx]
+            batch = slice(start, start + batch_size)
+            idx = batch if order is None else order[batch]
+            yield self.images[idx], self.labels[idx]
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self.labels) // batch_size)

@@ -4,16 +4,13 @@ Each member is a trial with its own net and optimizer (built as for a run alone:
 Xavier init), its own lr, epochs and shuffle stream, and its own per-epoch hooks. Their weights
 are stacked along a leading K axis and one step trains all of them (lenet_sweep.fused.epoch).
 
-After each epoch the group reads its metrics once, copies each member's slice back into that
-member's own net, optimizer and shuffle stream, launches the next epoch, and only then runs each
-member's hooks on its TrainState, exactly as the eager loop does: checkpoints, MLflow, divergence
-and pruning are the same code. On CUDA the next epoch trains while the host runs the hooks and
-records the members that leave; the hooks read their copies on a side stream, so they never
-wait for that replay. A member whose hook raises, or that reaches its epochs, leaves the group;
-the others go on. Members that left keep riding along (their results are ignored) until the
-group has shrunk to half, when it is compacted and recaptured: a few captures per sweep instead
-of one per departure. A stop request (Ctrl-C, SIGTERM) launches no further epoch: this epoch's
-hooks run, then it stops.
+After each epoch the group reads its metrics once, copies each member's slice back into its own
+net, optimizer and shuffle stream, launches the next epoch, and only then runs each member's
+hooks on its TrainState, as the eager loop does (on CUDA while the next epoch trains; the hooks
+read their copies on a side stream). A member whose hook raises, or that reaches its epochs,
+leaves; the others go on. Members that left ride along (ignored) until the group has shrunk to
+half, when it is compacted and recaptured: a few captures a sweep, not one per departure. A stop
+request (Ctrl-C, SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
 """
 
 from __future__ import annotations

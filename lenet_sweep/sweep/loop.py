@@ -103,15 +103,10 @@ class OptunaSweep:
         dead = study_storage.fail_dead_workers(study)
         if self.mlflow_uri:
             kill_trial_runs(self.mlflow_uri, dead)
-        log.info(
-            "study %s in %s: %d/%d trials done, sampler %s, search space %s",
-            study.study_name,
-            mask_url(settings.storage),
-            study_storage.budget_used(study),
-            settings.n_trials,
-            type(sampler).__name__,
-            {k: repr(v) for k, v in space.items()},
-        )
+        done, shown = study_storage.budget_used(study), {k: repr(v) for k, v in space.items()}
+        where, name = mask_url(settings.storage), type(sampler).__name__
+        log.info("study %s in %s: %d/%d trials done, sampler %s, search space %s",
+                 study.study_name, where, done, settings.n_trials, name, shown)  # fmt: skip
         with study_storage.ask_lock(storage, settings.storage):
             parent = (
                 NoSweepRun()

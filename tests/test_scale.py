@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -250,48 +251,62 @@ def test_a_tracking_server_stopped_mid_sweep(tracking_server, tmp_path, experime
 
 # --- 2. and 3. submitit and Ray -------------------------------------------------------------------
 @pytest.fixture
-def ray_cluster():
-    """A one-node Ray cluster started as users start one (`ray start --head`); its address."""
+def ray_cluster(tmp_path):
+    """A one-node Ray cluster started as docs/distributed.md tells users to: token
+    authentication on, with a token made for it (here in the test's own folder, not the home
+    directory). Yields its address and the environment a driver needs to reach it."""
     ray = shutil.which("ray")
     if ray is None:
         pytest.fail("ray is not installed: pip install -e '.[ray]'")
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     port, temp = _free_port(), tempfile.mkdtemp(prefix="ray-")
-    subprocess.run(
-        [
-            ray,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, env={**os.environ, **env})
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True)
+        _stop_processes_of(str(token))  # this cluster's only: `ray stop` ends every Ray here
         shutil.rmtree(temp, ignore_errors=True)
 
 
-# Each launcher's overrides and the environment its sweep needs. `ray start` turns on Ray's token
-# authentication, which a driver uses only when told to (RAY_AUTH_MODE=token).
+def _stop_processes_of(marker: str) -> None:
+    """SIGTERM, then SIGKILL after a grace, every process whose environment holds `marker`: the
+    cluster's processes inherit `ray start`'s (their command lines are renamed, `ray::…`)."""
+
+    def running() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+# Each launcher's overrides and the environment its sweep needs.
 LAUNCHERS = {
     "submitit_local": lambda _: (["hydra/launcher=submitit_local"], {}),
-    "ray_cluster": lambda address: (
-        ["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={address}"],
-        {"RAY_AUTH_MODE": "token"},
+    "ray_cluster": lambda cluster: (
+        ["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={cluster[0]}"],
+        cluster[1],
     ),
 }
 
 
 @pytest.fixture(params=list(LAUNCHERS))
 def launcher(request):
-    address = request.getfixturevalue("ray_cluster") if request.param == "ray_cluster" else None
-    return LAUNCHERS[request.param](address)
+    cluster = request.getfixturevalue("ray_cluster") if request.param == "ray_cluster" else None
+    return LAUNCHERS[request.param](cluster)
 
 
 def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher):  # noqa: F811

@@ -5,7 +5,9 @@ from lenet_sweep import speed
 speed.slow_startup_gc()  # before the imports below and the ones a run makes
 
 import contextlib
+import difflib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -58,6 +60,27 @@ def _knob_rules() -> dict:
     return {**config.knobs(config.RunConfig), **sweeper}
 
 
+def _override_error(error: BaseException) -> UserError | None:
+    """An unknown key (`lrr=0.1`: the closest knob, not Hydra's `+lrr=0.1`, which would train
+    with lr 0.9) or an override Hydra's grammar cannot read (quote it), as one line."""
+    text = str(error)
+    if unknown := re.search(r"Could not override '([^']+)'.*? use \+(\S+)", text, re.DOTALL):
+        key, given = unknown[1], unknown[2]
+        schema = config.keys(config.RunConfig)
+        schema += config.keys(config.LenetOptunaSweeperConf, "hydra.sweeper.")
+        close = difflib.get_close_matches(key, schema, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        if not close and not key.startswith("hydra."):
+            hint = f"; to add a new key, give +{given}"
+        return UserError(f"{given}: no such key in the config{hint}")
+    if bad := re.match(r"LexerNoViableAltException: (.*)", text):
+        return UserError(
+            f"cannot read the override {bad[1].strip()!r}: in Hydra's grammar ; and spaces end a "
+            """value; quote it, e.g. 'key="a/b;c"'"""
+        )
+    return None
+
+
 def cli() -> None:
     try:
         _cli()
@@ -76,7 +99,7 @@ def _cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
-        exit_with(config.knob_error(e, _knob_rules()) or e)
+        exit_with(config.knob_error(e, _knob_rules()) or _override_error(e) or e)
     except PermissionError as e:  # e.g. Hydra making the run dir in a read-only outputs/
         exit_with(
             UserError(

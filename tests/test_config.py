@@ -39,7 +39,18 @@ SINGLE = [
     ),
     (
         "no_such_key=1",
-        "error: Could not override 'no_such_key'; To append to your config use +no_such_key=1",
+        "error: no_such_key=1: no such key in the config; to add a new key, give +no_such_key=1",
+    ),
+    # a typo gets the knob it was meant for, not Hydra's advice to add the typo as a new key
+    ("lrr=0.1", "error: lrr=0.1: no such key in the config; did you mean lr?"),
+    (
+        "data.trainsize=5",
+        "error: data.trainsize=5: no such key in the config; did you mean data.train_size?",
+    ),
+    (
+        "mlflow.experiment=a/b;rm -rf x",
+        "error: cannot read the override 'mlflow.experiment=a/b;rm -rf x': in Hydra's grammar ; "
+        """and spaces end a value; quote it, e.g. 'key="a/b;c"'""",
     ),
 ]
 
@@ -155,7 +166,12 @@ def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experim
             "hydra.sweeper.direction=up",
             "error: hydra.sweeper.direction=up: must be maximize, minimize or a list of them",
         ),
-        ("hydra.sweeper.nope=1", "error: Could not override 'hydra.sweeper.nope'"),
+        ("hydra.sweeper.nope=1", "error: hydra.sweeper.nope=1: no such key in the config"),
+        (
+            "hydra.sweeper.n_trails=5",
+            "error: hydra.sweeper.n_trails=5: no such key in the config; did you mean "
+            "hydra.sweeper.n_trials?",
+        ),
         (
             "hydra.sweeper.direction=[maximize,minimize] hydra/sweeper/pruner=median",
             "error: hydra.sweeper.pruner: Optuna cannot prune a study with several objectives; use hydra/sweeper/pruner=none or one direction",

@@ -63,6 +63,17 @@ def knobs(schema, prefix: str = "") -> dict[str, Knob]:
     return found
 
 
+def keys(schema, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, nested dataclasses included (what a typo is matched to)."""
+    found = []
+    for f in fields(schema):
+        if f.default_factory is not NO_FACTORY and is_dataclass(f.default_factory):
+            found += keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            found.append(prefix + f.name)
+    return found
+
+
 def check_knobs(node, schema, prefix: str = "") -> None:
     """Every knob's range, read from a config or a settings object; null passes."""
     for key, rule in knobs(schema, prefix).items():

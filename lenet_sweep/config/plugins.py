@@ -93,4 +93,5 @@ class FusedLauncherConf:
     """`hydra/launcher=fused`: the sweeper's batch of trials trained together on one device."""
 
     _target_: str = "hydra_plugins.lenet_sweep_fused.launcher.FusedLauncher"
-    max_group: int | None = None  # most trials in one group (memory: K x batch); null: no limit
+    # most trials in one group (memory: K x batch); null: no limit
+    max_group: int | None = knob(None, "null or an integer >= 1", minimum=1)

@@ -6,6 +6,7 @@ the ranges each knob declares here, next to its type.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ def register() -> None:
     anything that composes the config itself (the tests).
     """
     ConfigStore.instance().store(name="lenet_sweep_schema", node=RunConfig)
-    # Hydra's run/sweep dirs use ${project_root:} so outputs land in <project>/outputs.
+    # Hydra's run/sweep dirs use ${project_root:} so outputs land in <project>/outputs, and a
+    # run's dir ${pid:} so that runs started in the same second never share one.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()))

@@ -17,6 +17,8 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup
 from omegaconf import DictConfig, open_dict
 
 from lenet_sweep import config, signals, speed
+from lenet_sweep.config.knobs import check_knobs
+from lenet_sweep.config.plugins import FusedLauncherConf
 from lenet_sweep.job.compose import Composer
 from lenet_sweep.job.job import Job
 
@@ -29,6 +31,7 @@ class FusedLaunch:
 
     def __init__(self, hydra_context, config_: DictConfig, max_group: int | None) -> None:
         self.hydra_context, self.config, self.max_group = hydra_context, config_, max_group
+        check_knobs(self, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,19 @@ from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep.search_space import grid_choices, parse
 
 log = logging.getLogger("lenet_sweep.sweep")
+
+
+# A study's name names its sweep dir too (conf/config.yaml): a plain name keeps it inside.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> None:
+    if not PLAIN_NAME.fullmatch(name):
+        shown = name if len(name) <= 60 else f"{name[:60]}..."
+        raise UserError(
+            f"hydra.sweeper.study_name={shown}: must be a plain name (letters, digits, '.', '_',"
+            " '-'; at most 128 characters), e.g. hydra.sweeper.study_name=fmnist-a"
+        )
 
 
 class SweepSetup:
@@ -56,6 +70,7 @@ class SweepSetup:
         """Everything a trial would fail on, refused before any study, run or folder exists;
         returns the search space and the fixed values."""
         check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
+        check_study_name(str(self.settings.study_name))
         self.check_objectives()
         space, fixed = self.search_space(arguments)
         if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say

@@ -27,7 +27,8 @@ log = logging.getLogger("lenet_sweep.sweep")
 
 # Trials that count toward n_trials; FAIL ones count only when the job itself failed
 # (a trial failed because its worker died is run again).
-_BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# Enqueued (WAITING) trials do not: they are the study's first asks, and run.
+_BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _PG_ASK_LOCK = 0x1E9E75  # one PostgreSQL advisory lock id for lenet_sweep's ask step
 
 

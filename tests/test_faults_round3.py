@@ -1,0 +1,77 @@
+"""Issue 26's faults that lose data or mislead, each reproduced on real stores: runs started in
+the same second, a study name used as a path, an unchecked fused group size, warm starts that
+filled the budget and ran nothing."""
+
+from __future__ import annotations
+
+import optuna
+import yaml
+from omegaconf import OmegaConf
+
+from lenet_sweep import CONFIG_DIR
+from tests.conftest import SMALL, run_cli, run_together, runs_of
+
+TINY = ["data.train_size=256", "data.test_size=256", "progress=false", "device=cpu"]
+
+
+def test_runs_started_in_the_same_second_get_a_run_dir_each(tmp_path, mlflow_uri, experiment):
+    # The default run dir's pattern, under a temporary root instead of the project's outputs/.
+    default = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())["hydra"]["run"]["dir"]
+    assert default.endswith("${now:%H-%M-%S}-${pid:}")
+    pattern = f"hydra.run.dir={tmp_path}/runs/" + "${now:%H-%M-%S}-${pid:}"
+    common = [*TINY, "epochs=1", pattern,
+              f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}"]  # fmt: skip
+    results = run_together(*[[*common, f"seed={seed}"] for seed in (1, 2, 3, 4)])
+    assert [code for code, _ in results] == [0, 0, 0, 0], results
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(dirs) == 4
+    seeds = sorted(OmegaConf.load(d / ".hydra" / "config.yaml").seed for d in dirs)
+    assert seeds == [1, 2, 3, 4] and all((d / "checkpoint.pt").is_file() for d in dirs)
+    _, runs = runs_of(mlflow_uri, experiment)
+    assert sorted(r.data.tags["hydra.output_dir"] for r in runs) == [str(d) for d in dirs]
+
+
+def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path):
+    sweep_root = tmp_path / "multirun"
+    for name in ("../../escaped", "x" * 300, "a/b"):
+        proc = run_cli(
+            "-m", *SMALL, f"hydra.sweeper.study_name={name}",
+            f"hydra.sweep.dir={sweep_root}/" + "${hydra.sweeper.study_name}",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith("error: hydra.sweeper.study_name=") and "plain name" in line
+    assert not sweep_root.exists() and not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "optuna.db").exists()  # refused before any study
+
+
+def test_a_fused_group_size_below_one_is_refused_before_anything_runs(tmp_path):
+    for size in (-1, 0):
+        proc = run_cli(
+            "-m", *SMALL, "hydra/launcher=fused", f"hydra.launcher.max_group={size}",
+            f"hydra.sweep.dir={tmp_path}/multirun",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == (
+            f"error: hydra.launcher.max_group={size}: must be null or an integer >= 1"
+        )
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_enqueued_trials_that_fill_the_budget_run(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proc = run_cli(
+        "-m", *TINY, "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.enqueue=[{lr: 0.5, epochs: 1}, {lr: 0.6, epochs: 1}]",
+        f"hydra.sweep.dir={tmp_path}/multirun", f"hydra.sweeper.storage={storage}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = optuna.load_study(study_name="lenet_sweep", storage=storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.params for t in trials] == [{"lr": 0.5, "epochs": 1}, {"lr": 0.6, "epochs": 1}]

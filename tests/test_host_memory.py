@@ -63,10 +63,6 @@ def test_after_cpu_training_freed_memory_is_reused_without_page_faults():
     assert _faults("plain") > 30_000
     assert _faults("train") < 12_000
     assert _faults("fused") < 12_000
-    # the user's own allocator settings win
-    assert _faults("train", MALLOC_TOP_PAD_="131072") > 30_000
-    # and it can be turned off
-    assert _faults("train", LENET_SWEEP_SPEEDUPS="none") > 30_000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -75,6 +71,16 @@ def test_blocks_above_mallocs_largest_mmap_threshold_are_kept_too():
     # above 32 MiB whatever its threshold, so each round faults ~30 k pages, unless mmap is off.
     assert _faults("plain", mb=40) > 75_000
     assert _faults("fused", mb=40) < 30_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_users_allocator_settings_win_and_the_setting_turns_off():
+    # Blocks above 32 MiB: with glibc's own thresholds each is mapped and unmapped (~30 k faults a
+    # round) whatever training freed before. Below that, glibc's dynamic threshold makes the count
+    # depend on the training's own frees (15 k to 60 k seen), so it is no test of "off".
+    assert _faults("train", mb=40, MALLOC_TOP_PAD_="131072") > 75_000
+    assert _faults("train", mb=40, LENET_SWEEP_SPEEDUPS="none") > 75_000
+    assert _faults("train", mb=40) < 30_000
 
 
 def test_user_settings_are_left_alone(monkeypatch):

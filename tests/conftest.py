@@ -20,7 +20,7 @@ SMALL = ["data.train_size=2048", "data.test_size=512", "epochs=1", "progress=fal
 
 
 def pytest_configure(config):
-    lenet_config.register()  # the schema conf/config.yaml extends, as the app registers it
+    lenet_config.register()  # the schema lenet_sweep/conf/config.yaml extends, as the app registers it
     if not FASHION.is_dir():
         raise pytest.UsageError(
             f"{FASHION} is missing: apt-get install dataset-fashion-mnist (tests use the real data)"

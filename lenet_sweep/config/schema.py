@@ -1,4 +1,4 @@
-"""The run's schema: structured configs in Hydra's ConfigStore (conf/config.yaml extends it).
+"""The run's schema: structured configs in Hydra's ConfigStore (lenet_sweep/conf/config.yaml extends it).
 
 Hydra (through OmegaConf) enforces each knob's type while it composes; `checks.validate` adds
 the ranges each knob declares here, next to its type.
@@ -50,7 +50,7 @@ class TrialConf:
 
 @dataclass
 class RunConfig:
-    """The top-level knobs of one training run (defaults and comments: conf/config.yaml)."""
+    """The top-level knobs of one training run (defaults and comments: lenet_sweep/conf/config.yaml)."""
 
     model: Any = MISSING
     optimizer: Any = MISSING
@@ -72,14 +72,15 @@ class RunConfig:
 
 
 def register() -> None:
-    """Store the schema (conf/config.yaml extends it) and the `project_root` resolver.
+    """Store the schema (lenet_sweep/conf/config.yaml extends it) and the `project_root` resolver.
 
     Called where the Hydra app is defined (lenet_sweep.cli), as Hydra's docs do, and by
     anything that composes the config itself (the tests).
     """
     ConfigStore.instance().store(name="lenet_sweep_schema", node=RunConfig)
-    # Hydra's run/sweep dirs use ${project_root:} so outputs land in <project>/outputs, and a
-    # run's dir ${pid:} so that runs started in the same second never share one.
+    # Hydra's run/sweep dirs use ${project_root:} so outputs land in <project>/outputs (the
+    # checkout, or where an installed package starts), a run's dir ${pid:} so that runs
+    # started in the same second never share one.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("pid"):

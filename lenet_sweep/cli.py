@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -25,7 +26,7 @@ from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
 from lenet_sweep.tracking import store
 
-# The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
+# The schema lenet_sweep/conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
 # that launcher processes that import this module to run `main` have it too.
 config.register()
 
@@ -36,14 +37,21 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from lenet_sweep.core.hooks import Diverged  # here, not at import: `--help` needs no torch
     from lenet_sweep.job.run import run
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    single = HydraConfig.get().mode == RunMode.RUN
     try:
         return run(cfg)
     except UserError as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if not single:
             raise  # the sweeper records it as the trial's failure
-        if not isinstance(e, Diverged):  # refused before training: leave no run dir behind
-            _discard_untouched(Path(HydraConfig.get().runtime.output_dir))
+        if isinstance(e, errors.Outage) and (run_dir / "checkpoint.pt").is_file():
+            e = errors.Outage(f"{e}; this run goes on with resume={run_dir}")
+        elif not isinstance(e, Diverged):  # refused before training: leave no run dir behind
+            _discard_untouched(run_dir)
         exit_with(e)
+    except KeyboardInterrupt as e:
+        e.run_dir = run_dir if single else None  # for the line that says how to resume
+        raise
 
 
 def _discard_untouched(run_dir: Path) -> None:
@@ -55,9 +63,47 @@ def _discard_untouched(run_dir: Path) -> None:
                 run_dir.parent.rmdir()  # the day's folder, when this was its only run
 
 
+def _hydra_run_dir(error: BaseException) -> Path | None:
+    """The run dir of the single run `error` ended: Hydra resets its HydraConfig when run_job
+    fails (a full disk while it writes .hydra/), so it is read from run_job's frame."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_name == "run_job" and "hydra.core" in frame.f_globals["__name__"]:
+            config = frame.f_locals.get("config")
+            with contextlib.suppress(Exception):
+                if config.hydra.mode == RunMode.RUN:
+                    return Path(config.hydra.runtime.output_dir)
+    return None
+
+
 def _knob_rules() -> dict:
     sweeper = config.knobs(config.LenetOptunaSweeperConf, "hydra.sweeper.")
     return {**config.knobs(config.RunConfig), **sweeper}
+
+
+# The launchers another package brings: the package and this project's extra that installs it.
+_PLUGINS = {
+    "submitit_local": ("hydra-submitit-launcher", "slurm"),
+    "submitit_slurm": ("hydra-submitit-launcher", "slurm"),
+    "slurm": ("hydra-submitit-launcher", "slurm"),
+    "ray": ("hydra-ray-launcher", "ray"),
+    "ray_cluster": ("hydra-ray-launcher", "ray"),
+    "joblib": ("hydra-joblib-launcher", "joblib"),
+}
+
+
+def _plugin_missing(text: str) -> UserError | None:
+    """`hydra/launcher=slurm` without hydra-submitit-launcher: which extra installs it."""
+    missing = re.search(
+        r"(?:In 'hydra/launcher/(\w+)': )?Could not (?:find|load) 'hydra/launcher/(\w+)'", text
+    )
+    if not missing or (missing[1] or missing[2]) not in _PLUGINS:
+        return None
+    chosen = missing[1] or missing[2]
+    package, extra = _PLUGINS[chosen]
+    return UserError(
+        f"hydra/launcher={chosen} needs {package}, which is not installed: "
+        f"pip install 'lenet_sweep[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
+    )
 
 
 def _override_error(error: BaseException) -> UserError | None:
@@ -73,6 +119,8 @@ def _override_error(error: BaseException) -> UserError | None:
         if not close and not key.startswith("hydra."):
             hint = f"; to add a new key, give +{given}"
         return UserError(f"{given}: no such key in the config{hint}")
+    if missing := _plugin_missing(text):
+        return missing
     if bad := re.match(r"LexerNoViableAltException: (.*)", text):
         return UserError(
             f"cannot read the override {bad[1].strip()!r}: in Hydra's grammar ; and spaces end a "
@@ -107,9 +155,21 @@ def _cli() -> None:
                 "hydra.run.dir (hydra.sweep.dir with -m) to a writable folder"
             )
         )
+    except Exception as e:  # noqa: BLE001 - an outage (full disk, store away) as one line
+        run_dir = _hydra_run_dir(e)
+        if (down := errors.outage(e, run_dir)) is None:
+            raise
+        if run_dir and run_dir.is_dir():
+            with contextlib.suppress(OSError):  # it holds nothing yet: leave no empty run dir
+                _discard_untouched(run_dir)
+        exit_with(down)
     except KeyboardInterrupt as e:
         sys.stderr.write(
-            f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, "
-            "checkpoint kept; rerun with resume=<run dir> to continue\n"
+            f"interrupted ({e or 'Ctrl-C'}): MLflow runs ended KILLED, checkpoint kept; "
+            + (
+                f"continue with resume={e.run_dir}\n"
+                if getattr(e, "run_dir", None)
+                else "rerun with resume=<run dir> to continue (a sweep: the same command)\n"
+            )
         )
         sys.exit(128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT))

@@ -3,6 +3,8 @@ credentials masked."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import sys
 
@@ -17,13 +19,68 @@ show_tracebacks = False
 
 # Exit codes (README, "When things go wrong"); an internal error exits 1 with its traceback,
 # an interrupt 128 + the signal's number (130 Ctrl-C, 143 SIGTERM).
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SWEEP_FAILED = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SWEEP_FAILED, EXIT_OUTAGE = 2, 3, 4, 5
 
 
 class UserError(CompactHydraException):
     """Bad input or environment: the message names the problem and the fix."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class Outage(UserError):
+    """A disk, tracking server or database the run needs is full or unreachable: not the run's
+    fault. A sweep stops at the first one and the trial it hit runs again."""
+
+    exit_code = EXIT_OUTAGE
+
+
+# What drivers and HTTP clients raise when their server is away (matched by class name: no
+# import of requests, urllib3, sqlalchemy or psycopg here).
+_UNREACHABLE = {"ConnectionError", "ConnectTimeout", "MaxRetryError", "NewConnectionError"}
+_AWAY = re.compile(
+    r"connection (refused|failed|reset)|could not connect|server closed the connection|"
+    r"failed to establish|max retries exceeded|timed? ?out|database is locked",
+    re.IGNORECASE,
+)
+_FULL = re.compile(r"no space left on device|database or disk is full|disk quota", re.IGNORECASE)
+
+
+def outage(error: BaseException, where: object = None) -> Outage | None:
+    """The outage behind `error` (its causes walked), as one line that says what to do; None for
+    any other error, and for a UserError, whose message already says it. `where`: the file of
+    the store that raised it, for the full-disk line."""
+    rerun = "then rerun the same command: nothing is lost, a sweep's study goes on"
+    seen: BaseException | None = error
+    walked: set[int] = set()  # a cause chain may loop back
+    while seen is not None and id(seen) not in walked:
+        walked.add(id(seen))
+        if isinstance(seen, UserError):
+            return seen if isinstance(seen, Outage) else None
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = _filesystem(seen.filename or where)
+            return Outage(f"{what} is full ({seen.strerror}); free space, {rerun}")
+        names = {kind.__name__ for kind in type(seen).__mro__}
+        if _FULL.search(str(seen)):
+            return Outage(f"{_filesystem(where)} is full ({describe(seen)}); free space, {rerun}")
+        if (
+            names & _UNREACHABLE
+            or ("OperationalError" in names and _AWAY.search(str(seen)))
+            or ("API request to" in str(seen) and _AWAY.search(str(seen)))
+        ):
+            return Outage(f"a store is unreachable ({describe(seen)}); start it, {rerun}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _filesystem(path: object) -> str:
+    """`the filesystem at /mnt (holding /mnt/run/checkpoint.pt)`, as far as the path tells."""
+    if not path:
+        return "a store's filesystem"
+    mount = os.path.abspath(str(path))
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return f"the filesystem at {mount} (holding {path})"
 
 
 def mask_url(text: str | None) -> str | None:

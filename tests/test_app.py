@@ -157,9 +157,23 @@ def test_cli_prints_seed_lines_and_returns_zero(tmp_path, mlflow_uri, experiment
     assert float(speed_line.split()[0]) > 0
     _, runs = runs_of(mlflow_uri, experiment)
     assert runs[0].data.tags["hydra.output_dir"] == str(tmp_path)
+    # Named by what the overrides change (train_size, test_size); paths and switches left out.
+    assert runs[0].info.run_name == "lenet sgd lr=0.9 ep=2 train_size=2048 test_size=512"
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     final = float(loss_line.rsplit(" ", 1)[1])
     assert math.isclose(final, runs[0].data.metrics["test_acc"], abs_tol=6e-4)
+
+
+def test_run_names_show_what_differs_from_the_defaults(make_cfg):
+    from lenet_sweep import config
+
+    cfg = make_cfg("data=mnist", "data.train_size=256", "batch_size=64", "lr=0.25", "seed=7")
+    overrides = ["data=mnist", "data.train_size=512", "data.train_size=256", "batch_size=64",
+                 "lr=0.25", "+seed=7", "device=cpu", "progress=false", "mlflow.experiment=x"]  # fmt: skip
+    assert config.run_name(cfg, "lenet", "adam", overrides) == (
+        "lenet adam lr=0.25 ep=1 data=mnist train_size=256 bs=64 seed=7"
+    )
+    assert config.run_name(cfg, "lenet", "sgd", []) == "lenet sgd lr=0.25 ep=1"
 
 
 def test_cli_cfg_job_and_help():

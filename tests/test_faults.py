@@ -181,6 +181,24 @@ def test_unwritable_outputs_are_refused(tmp_path):
     assert runs == []
 
 
+def test_unwritable_artifacts_are_refused_before_training(tmp_path):
+    db = tmp_path / "mlflow.db"
+    artifacts = tmp_path / "mlartifacts"
+    artifacts.mkdir()
+    with immutable(artifacts):
+        proc = run_cli(
+            *TINY, f"mlflow.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'r'}"
+        )
+    assert proc.returncode == 2
+    assert _one_line(proc) == (
+        f"error: MLflow artifacts go to {artifacts}, which cannot be written (Operation not "
+        "permitted); make it writable, or set mlflow.tracking_uri to a store in a writable folder"
+    )
+    assert "training on" not in proc.stdout and not (tmp_path / "r").exists()
+    _, runs = runs_of(f"sqlite:///{db}", "lenet_sweep")
+    assert runs == []  # no run opened, none left FAILED or RUNNING
+
+
 def test_a_deleted_experiment_is_named_with_the_fix(tmp_path, mlflow_uri, experiment):
     from lenet_sweep.tracking import store as tracking_store
 

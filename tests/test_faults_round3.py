@@ -75,3 +75,38 @@ def test_enqueued_trials_that_fill_the_budget_run(tmp_path):
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert [t.params for t in trials] == [{"lr": 0.5, "epochs": 1}, {"lr": 0.6, "epochs": 1}]
+
+
+def _study_file(path) -> bytes:
+    """A study of 300 finished trials in `path`; returns its bytes."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="lenet_sweep", storage=f"sqlite:///{path}")
+    for i in range(300):
+        study.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions={
+            "lr": optuna.distributions.FloatDistribution(0.01, 3.0)}, value=i / 300))  # fmt: skip
+    return path.read_bytes()
+
+
+def test_a_damaged_optuna_file_is_refused_with_one_line_and_left_as_it_was(tmp_path):
+    import random
+
+    good = _study_file(tmp_path / "optuna.db")
+    third = len(good) // 3
+    noise = random.Random(0).randbytes(third)
+    damages = {
+        "middle": good[:third] + noise + good[2 * third :],
+        "truncated": good[: len(good) // 2],
+        "header": noise[:100] + good[100:],
+    }
+    for damage, data in damages.items():
+        (tmp_path / "optuna.db").write_bytes(data)
+        proc = run_cli(
+            "-m", *TINY, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/multirun",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        )  # fmt: skip
+        assert proc.returncode == 2, (damage, proc.stderr[-2000:])
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: Optuna storage {tmp_path}/optuna.db is damaged ("), line
+        assert "move it aside" in line
+        assert (tmp_path / "optuna.db").read_bytes() == data, damage  # nothing written into it

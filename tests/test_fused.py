@@ -263,6 +263,10 @@ def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
     _, children = sweep.runs()
     statuses = sorted((int(r.data.tags["optuna.trial_number"]), r.info.status) for r in children)
     assert statuses == [(i, "KILLED") for i in range(4)] + [(i, "FINISHED") for i in range(4, 8)]
+    why = f"worker died: pid {proc.pid} on "
+    assert all(t.user_attrs["fail_reason"].startswith(why) for t in trials[:4])
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert all(r.data.tags["error"].startswith(why) for r in killed)
 
 
 @pytest.mark.parametrize(("activation", "pool"), [("sigmoid", "avg"), ("relu", "max")])

@@ -69,6 +69,8 @@ def test_sigterm_ends_killed_and_resume_equals_uninterrupted_run(tmp_path, mlflo
     client, runs = runs_of(mlflow_uri, experiment)
     assert len(runs) == 1 and runs[0].info.run_id == run_id  # the same MLflow run, continued
     assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["hydra.output_dir"] == str(first)  # where the first epochs are
+    assert runs[0].data.tags["lenet_sweep.resumed_in"] == str(tmp_path / "second")
     history = client.get_metric_history(run_id, "test_acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
 

@@ -181,10 +181,14 @@ def test_kill_9_mid_sweep_then_rerun_finishes_the_total(sweep):
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]  # numbers continue, no duplicates
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
     assert trials[1].state == TrialState.FAIL  # the killed one, failed before new ones started
+    reason = trials[1].user_attrs["fail_reason"]
+    assert reason.startswith(f"worker died: pid {proc.pid} on ") and trials[1].user_attrs["rerun"]
     parents, children = sweep.runs()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     statuses = {int(r.data.tags["optuna.trial_number"]): r.info.status for r in children}
     assert statuses == {0: "FINISHED", 1: "KILLED", 2: "FINISHED", 3: "FINISHED", 4: "FINISHED"}
+    killed = next(r for r in children if r.info.status == "KILLED")
+    assert killed.data.tags["error"] == reason
     assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "4"]
 
 

@@ -119,7 +119,7 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
     assert link in single.stdout
     page = _browser(base + link, tmp_path / "profile-runs")
     assert "Run Name" in page and "Traces 0" not in page and "Detect Issues" not in page
-    assert "sweep s" in page and "lenet sgd lr=0.9 ep=2" in page
+    assert "sweep s" in page and "lenet sgd lr=0.9 ep=2 train_size=1024 test_size=256" in page
     # Compare the sweep's trials: names, the params that differ, test_acc as the plotted metric.
     ids = urllib.parse.quote(json.dumps([r.info.run_id for r in children]))
     compare = f"{base}/#/compare-runs?runs={ids}&experiments=%5B%22{experiment_id}%22%5D"

@@ -84,7 +84,10 @@ def check_knobs(node, schema, prefix: str = "") -> None:
 
 def knob_error(error: BaseException | None, rules: dict[str, Knob]) -> UserError | None:
     """A type error from composition (`lr=abc`) as that knob's own message, else None."""
-    while error is not None and not isinstance(error, ValidationError):
+    walked: set[int] = set()  # a cause chain may loop back
+    while error is not None and not isinstance(error, ValidationError) and id(error) not in walked:
+        walked.add(id(error))
         error = error.__cause__ or error.__context__
+    error = error if isinstance(error, ValidationError) else None
     rule = rules.get(str(error.full_key)) if error is not None else None
     return rule.error(str(error.full_key), error.value) if rule else None

@@ -4,6 +4,7 @@ belongs to the config being resumed. Saved as plain tensors and lists, loaded we
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -46,9 +47,17 @@ class Checkpoint:
         )
 
     def save(self, path: Path) -> None:
+        # Into memory first: on a full disk, writing it raises OSError(ENOSPC), where torch.save
+        # raises a RuntimeError from C++ that names no errno.
+        buffer = io.BytesIO()
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, buffer)
         tmp = path.with_suffix(".tmp")
-        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
-        tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+            tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
     def restore(self, net, optimizer, shuffle: torch.Generator) -> TrainResult:
         """Put net, optimizer and both RNG streams back; returns the metrics so far."""

@@ -27,6 +27,7 @@ from lenet_sweep.tracking.runs import TrackedRun
 
 log = logging.getLogger("lenet_sweep")
 TAG_RESUMED_FROM = "lenet_sweep.resumed_from"  # a resume that could not continue its own run
+TAG_RESUMED_IN = "lenet_sweep.resumed_in"  # the dir of the latest resume of the same run
 
 
 @dataclass
@@ -157,11 +158,13 @@ def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> T
     params, config and (resumed) the epochs it has."""
     knobs = {k: cfg[k] for k in run_params.KNOBS}
     params = run_params.run_params(config.identity(cfg), knobs, job.choices)
-    name, tags = _run_name(cfg, params), _tags(device, job, link, cfg)
+    name, tags = _run_name(cfg, params, job), _tags(device, job, link, cfg)
     client = store.client(uri)
     run_id = resume and run_params.continuable(client, resume.mlflow_run_id, params)
     if resume and not run_id:  # a finished run, or other settings (epochs): a new run
         tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
+    if run_id and "hydra.output_dir" in tags:  # the same run goes on: its first dir stays
+        tags[TAG_RESUMED_IN] = tags.pop("hydra.output_dir")
     mlrun = TrackedRun(uri, experiment_id, name, tags, run_id)
     with ended_on_error(mlrun):
         if link is not None:
@@ -174,11 +177,12 @@ def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> T
     return mlrun
 
 
-def _run_name(cfg: DictConfig, params: dict) -> str:
-    """mlflow.run_name, else the sweeper's trial name, else the config: `lenet sgd lr=0.9 ep=10`."""
+def _run_name(cfg: DictConfig, params: dict, job: HydraJob) -> str:
+    """mlflow.run_name, else the sweeper's trial name, else the config and what the overrides
+    change: `lenet sgd lr=0.9 ep=1 train_size=256`."""
     if cfg.mlflow.run_name or cfg.trial.name:
         return str(cfg.mlflow.run_name or cfg.trial.name)
-    return f"{params['model']} {params['optimizer']} lr={cfg.lr:g} ep={cfg.epochs}"
+    return config.run_name(cfg, params["model"], params["optimizer"], job.overrides)
 
 
 def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dict[str, str]:

@@ -3,6 +3,7 @@ train it with the trainer for its device, record it; returns the final metrics."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from omegaconf import DictConfig
@@ -10,7 +11,11 @@ from omegaconf import DictConfig
 from lenet_sweep import signals, speed
 from lenet_sweep.core.state import TrainResult
 from lenet_sweep.core.train import train
+from lenet_sweep.errors import outage
 from lenet_sweep.job.job import Job, log
+from lenet_sweep.stores import store_file
+from lenet_sweep.sweep.protocol import STORAGE_ENV
+from lenet_sweep.tracking import store
 
 
 def trainer_for(cfg: DictConfig, device) -> Callable[..., TrainResult]:
@@ -23,7 +28,19 @@ def trainer_for(cfg: DictConfig, device) -> Callable[..., TrainResult]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train once and record it; returns the final metrics (a sweep's objectives pick from them)."""
+    """Train once and record it; returns the final metrics (a sweep's objectives pick from them).
+    A full disk or a store away raises errors.Outage, naming the store's file where it can."""
+    try:
+        return _run(cfg)
+    except Exception as e:
+        uri = store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        down = outage(e, store_file(e, uri, os.environ.get(STORAGE_ENV)))
+        if down is None or down is e:
+            raise
+        raise down from e
+
+
+def _run(cfg: DictConfig) -> dict[str, float]:
     job = Job.prepare(cfg)
     with signals.stop_on_signals(), job.mlrun, speed.training([job.net], job.device):
         log.info("training on %s", job.device)

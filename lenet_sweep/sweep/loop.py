@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lenet_sweep import signals
+from lenet_sweep.config.identity import setting
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
-from lenet_sweep.errors import mask_url
+from lenet_sweep.errors import Outage, first_line, mask_url, one_line, outage
+from lenet_sweep.stores import store_file
 from lenet_sweep.sweep import protocol, report, search_space
 from lenet_sweep.sweep import storage as study_storage
 from lenet_sweep.sweep.parent_run import NoSweepRun, SweepRun, kill_trial_runs
@@ -35,7 +37,6 @@ log = logging.getLogger("lenet_sweep.sweep")
 
 
 _ABSENT = object()
-_SHORT = {"epochs": "ep", "batch_size": "bs"}  # in trial names, which the MLflow UI cuts
 
 
 def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) -> TrialState:
@@ -51,10 +52,7 @@ def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) 
 
 def trial_name(number: int, params: dict) -> str:
     """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
-    shown = (
-        f"{_SHORT.get(k, k)}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items()
-    )
-    return " ".join([f"t{number:03d}", *shown])
+    return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
 
 
 class OptunaSweep:
@@ -80,7 +78,14 @@ class OptunaSweep:
 
         try:
             self._run(arguments)
-        except MlflowException as e:  # the tracking server went away (or never came)
+        except Outage:
+            raise
+        except Exception as e:
+            where = store_file(e, self.mlflow_uri, self.settings.storage)
+            if down := outage(e, where):  # a store this process talks to went away, or is full
+                raise down from e
+            if not isinstance(e, MlflowException):
+                raise
             first = mask_url(str(e)).splitlines()[0][:300]
             raise SweepFailed(
                 f"MLflow at {mask_url(str(self.mlflow_uri))} failed: {first}; start "
@@ -100,7 +105,7 @@ class OptunaSweep:
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
         study = self.setup.open_study(storage, sampler)
-        dead = study_storage.fail_dead_workers(study)
+        dead = study_storage.fail_dead_workers(study, storage, settings.grace_period)
         if self.mlflow_uri:
             kill_trial_runs(self.mlflow_uri, dead)
         done, shown = study_storage.budget_used(study), {k: repr(v) for k, v in space.items()}
@@ -154,7 +159,9 @@ class OptunaSweep:
                             overrides, initial_job_idx=in_flight[0].number
                         )
                     except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
-                        lost += self._batch_lost(study, in_flight, e)
+                        if down := outage(e, self.sweep_dir):  # e.g. Hydra writing a job dir
+                            raise down from e
+                        lost += self._batch_lost(study, storage, in_flight, e)
                         heartbeat.watch([])
                         if lost / self.settings.n_trials > self.settings.max_failure_rate:
                             raise SweepFailed(
@@ -164,17 +171,16 @@ class OptunaSweep:
                             ) from e
                         continue
                     outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
-                    for trial, outcome in zip(in_flight, outcomes, strict=True):
-                        states.append(record(study, trial, outcome))
-                    report.log_progress(study, in_flight, outcomes, self.objectives)
+                    states += self._record(study, storage, in_flight, outcomes)
                     heartbeat.watch([])
                     if report.too_many_failures(study, self.settings):
                         break
-        except BaseException:
-            # Interrupted: fail this worker's in-flight trials (they run again on the next start).
+        except BaseException as e:
+            # Interrupted or an outage: fail this worker's in-flight trials (they run again).
+            why = one_line(e) if isinstance(e, Outage) else "interrupted"
             for trial in in_flight:
                 with contextlib.suppress(Exception):
-                    study_storage.tell(study, trial, state=TrialState.FAIL)
+                    study_storage.fail_for_rerun(study, storage, trial.number, why)
             with contextlib.suppress(Exception):
                 parent.end("KILLED")
             raise
@@ -182,18 +188,27 @@ class OptunaSweep:
             heartbeat.stopped.set()
         return states
 
-    def _batch_lost(self, study, in_flight: list[optuna.Trial], error: Exception) -> int:
+    def _record(self, study, storage, trials, outcomes) -> list[TrialState]:
+        """Tell the study each outcome; a trial an outage hit runs again, and stops the sweep."""
+        down = [(t, o) for t, o in zip(trials, outcomes, strict=True) if o.rerun]
+        for trial, outcome in down:
+            study_storage.fail_for_rerun(study, storage, trial.number, outcome.reason)
+        told = [(t, o) for t, o in zip(trials, outcomes, strict=True) if not o.rerun]
+        states = [record(study, t, o) for t, o in told]
+        report.log_progress(study, [t for t, _ in told], [o for _, o in told], self.objectives)
+        if down:
+            trial, outcome = down[0]
+            raise Outage(f"trial {trial.number} stopped, to run again: {outcome.reason}")
+        return states
+
+    def _batch_lost(self, study, storage, in_flight: list[optuna.Trial], error: Exception) -> int:
         """A job process died (submitit and Ray raise for the whole batch): fail the batch's
-        trials without a fail_reason, so that new trials replace them, and end their MLflow runs
-        KILLED. Returns how many were lost."""
-        log.warning(
-            "a job of trials %s died (%s: %s); failing the batch, its trials run again",
-            [t.number for t in in_flight],
-            type(error).__name__,
-            mask_url(str(error)).splitlines()[0][:300] if str(error) else "",
-        )
+        trials for a rerun, so that new trials replace them, and end their MLflow runs KILLED.
+        Returns how many were lost."""
+        why = f"job process died: {type(error).__name__}: {first_line(error, 300)}"
+        log.warning("trials %s: %s; their trials run again", [t.number for t in in_flight], why)
         for trial in in_flight:
-            study_storage.tell(study, trial, state=TrialState.FAIL)
+            study_storage.fail_for_rerun(study, storage, trial.number, why)
         if self.mlflow_uri:
             numbers = {t.number for t in in_flight}
             lost = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]

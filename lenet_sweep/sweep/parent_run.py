@@ -73,11 +73,14 @@ class NoSweepRun:
 
 
 def kill_trial_runs(uri: str, trials) -> None:
-    """End the MLflow runs of trials failed because their worker died (if still RUNNING)."""
+    """End the MLflow runs of trials failed because their worker died (if still RUNNING), with
+    the trial's fail_reason as their error tag."""
     mlflow_client = client(uri)
     for trial in trials:
         run_id = trial.user_attrs.get(protocol.MLFLOW_RUN_ID)
+        why = trial.user_attrs.get(protocol.FAIL_REASON, "worker died")
         with contextlib.suppress(Exception):  # a run already gone or ended is left as it is
             if run_id and mlflow_client.get_run(run_id).info.status == "RUNNING":
+                mlflow_client.set_tag(run_id, protocol.TAG_TRIAL_STATE, "FAIL (run again)")
+                mlflow_client.set_tag(run_id, "error", why)
                 mlflow_client.set_terminated(run_id, status="KILLED")
-                mlflow_client.set_tag(run_id, protocol.TAG_TRIAL_STATE, "FAIL (worker died)")

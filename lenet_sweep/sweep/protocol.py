@@ -22,7 +22,8 @@ MLflow store. End to end, in order:
 4. The job returns its metrics (a mapping; a number or a list of numbers from other apps) or
    raises. The sweeper turns the JobReturn into an Outcome (`job_outcome`, the values of the
    objectives it names), tells the study, and on failure writes FAIL_REASON: such a trial counts
-   toward n_trials, while one failed by a dead worker (no FAIL_REASON) is run again.
+   toward n_trials, while one failed by a dead worker, an interrupt or an outage (RERUN set too)
+   is run again.
 5. Repair on the next start: trials of dead workers are failed and their MLFLOW_RUN_ID runs KILLED.
 """
 
@@ -38,7 +39,7 @@ import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from lenet_sweep.errors import mask_url
+from lenet_sweep.errors import mask_url, one_line, outage
 
 # Overrides the sweeper gives each job (the `trial` node of the job's config).
 TRIAL_PREFIX = "trial."
@@ -53,9 +54,11 @@ TRIAL_ENV, STUDY_ENV = "LENET_SWEEP_TRIAL", "LENET_SWEEP_STUDY"
 # Optuna user attrs: on trials, and the one on the study.
 WORKER_HOST = "worker_host"
 WORKER_PID = "worker_pid"
+BEAT_AT = "heartbeat_at"  # the worker's last heartbeat (time.time()), which Optuna keeps unread
 MLFLOW_RUN_ID = "mlflow_run_id"
 TRAIN_TIME_S = "train_time_s"  # training + evaluation, for the sweep's overhead line
 FAIL_REASON = "fail_reason"
+RERUN = "rerun"  # True on a FAIL that was not the trial's fault: it does not count, it runs again
 PARENT_RUN_ID = "mlflow_parent_run_id"
 ENQUEUED = "enqueued"  # on the study: hydra.sweeper.enqueue was done, never again
 
@@ -114,6 +117,7 @@ class Outcome:
     state: TrialState
     values: list[float] | None = None
     reason: str | None = None
+    rerun: bool = False  # FAIL by an outage (errors.Outage): not the trial's fault
 
 
 def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
@@ -126,6 +130,8 @@ def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
         error = job_exception(ret)
         if isinstance(error, optuna.TrialPruned):
             return Outcome(TrialState.PRUNED, reason=str(error) or None)
+        if down := outage(error):
+            return Outcome(TrialState.FAIL, reason=one_line(down), rerun=True)
         return _failed(error)
     returned = ret.return_value
     try:

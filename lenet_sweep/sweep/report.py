@@ -83,7 +83,7 @@ def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> N
 
 def too_many_failures(study, settings) -> bool:
     """Failures measured against n_trials: once past the rate, the sweep can only end past it."""
-    return study_storage.job_failures(study) / settings.n_trials > settings.max_failure_rate
+    return len(study_storage.job_failures(study)) / settings.n_trials > settings.max_failure_rate
 
 
 def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
@@ -94,7 +94,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
     ran = f"{ran_here} trial(s) run here in {elapsed:.1f}s"
     if not counts["COMPLETE"]:
         parent.end("FAILED")
-        raise _none_completed(study, trials, f"{summary}; {ran}")
+        raise _none_completed(study, f"{summary}; {ran}")
     best = [study.best_trial] if len(sweep.directions) == 1 else study.best_trials
     results_file = sweep.sweep_dir / "optimization_results.yaml"
     results_ = results(best, sweep.directions, sweep.objectives)
@@ -119,15 +119,15 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
         log.info("MLflow: %s", tracking_store.ui_link(sweep.mlflow_uri, parent.experiment_id))
     if too_many:
         raise SweepFailed(
-            f"sweep {study.study_name}: {study_storage.job_failures(study)} of "
+            f"sweep {study.study_name}: {len(study_storage.job_failures(study))} of "
             f"{sweep.settings.n_trials} trials failed, more than max_failure_rate="
             f"{sweep.settings.max_failure_rate}; fix the failing trials (fail_reason in "
             "Optuna) or raise hydra.sweeper.max_failure_rate"
         )
 
 
-def _none_completed(study, trials, counted: str) -> SweepFailed:
-    failed = [t for t in trials if protocol.FAIL_REASON in t.user_attrs]
+def _none_completed(study, counted: str) -> SweepFailed:
+    failed = study_storage.job_failures(study)
     last = f"; last failure: {failed[-1].user_attrs[protocol.FAIL_REASON]}" if failed else ""
     return SweepFailed(
         f"sweep {study.study_name}: no trial completed ({counted}{last}); "

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from lenet_sweep import OUTPUTS_DIR
 from lenet_sweep.config.knobs import check_knobs
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
-from lenet_sweep.errors import UserError, describe, mask_url
-from lenet_sweep.stores import check_sqlite, check_writable_dir
+from lenet_sweep.errors import UserError, describe, mask_url, outage
+from lenet_sweep.stores import check_intact, check_sqlite, check_writable_dir, sqlite_path
 from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep.search_space import grid_choices, parse
 
@@ -77,6 +77,7 @@ class SweepSetup:
             get_method(self.settings.app_checks)(self.config, space, self.group_options)
         own_dir = self.sweep_dir if self.own_storage else OUTPUTS_DIR
         check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", own_dir)
+        check_intact(self.settings.storage, "Optuna storage")
         check_writable_dir(
             self.sweep_dir,
             f"hydra.sweep.dir={self.sweep_dir}",
@@ -156,6 +157,8 @@ class SweepSetup:
                 load_if_exists=True,
             )
         except Exception as e:  # noqa: BLE001
+            if down := outage(e, sqlite_path(self.settings.storage)):
+                raise down from e
             raise UserError(
                 f"cannot open study {self.settings.study_name!r} in "
                 f"{mask_url(self.settings.storage)} ({describe(e)}); "

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lenet_sweep.errors import UserError, describe, mask_url
-from lenet_sweep.stores import sqlite_lock
+from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
+from lenet_sweep.stores import sqlite_lock, sqlite_path
 from lenet_sweep.sweep import protocol
 from lenet_sweep.tracking.store import HOST, pid_alive
 
@@ -26,7 +26,7 @@ log = logging.getLogger("lenet_sweep.sweep")
 
 
 # Trials that count toward n_trials; FAIL ones count only when the job itself failed
-# (a trial failed because its worker died is run again).
+# (a trial failed because its worker died, an interrupt or an outage is run again).
 # Enqueued (WAITING) trials do not: they are the study's first asks, and run.
 _BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _PG_ASK_LOCK = 0x1E9E75  # one PostgreSQL advisory lock id for lenet_sweep's ask step
@@ -61,6 +61,18 @@ def open_storage(
             if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
                 continue
+            if (down := outage(e, sqlite_path(url))) and sqlite_path(url):
+                raise down from e  # its disk is full
+            if down:
+                raise Outage(
+                    f"Optuna storage {mask_url(url)} is not reachable ({describe(e)}); start the "
+                    "database (or fix hydra.sweeper.storage), then rerun the same command"
+                ) from e
+            if sqlite_path(url):  # a damaged file: what sqlite says, no database to start
+                raise UserError(
+                    f"Optuna storage {url} cannot be opened ({describe(e)}); move the file aside "
+                    "(a new one is made in its place) or fix hydra.sweeper.storage"
+                ) from e
             raise UserError(
                 f"Optuna storage {mask_url(url)} is not reachable ({describe(e)}); "
                 "start the database or fix hydra.sweeper.storage"
@@ -129,21 +141,38 @@ class Heartbeat(threading.Thread):
         for trial_id_ in list(self.trial_ids):
             with contextlib.suppress(Exception):  # a missed beat is retried next interval
                 self.storage.record_heartbeat(trial_id_)
+                # Optuna's beats cannot be read, and a trial it fails takes no reason: our own
+                self.storage.set_trial_user_attr(trial_id_, protocol.BEAT_AT, time.time())
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             self.beat()
 
 
-def fail_dead_workers(study: optuna.Study) -> list[FrozenTrial]:
-    """Fail trials left RUNNING by dead workers; returns them (their MLflow runs need ending)."""
+def fail_for_rerun(study: optuna.Study, storage, number: int, reason: str) -> None:
+    """FAIL a trial that is not at fault (its worker died, an interrupt, an outage) with its
+    reason; it does not count toward n_trials, so a new trial takes its place."""
+    id_ = trial_id(storage, study.study_name, number)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # ended meanwhile
+        for key, value in ((protocol.FAIL_REASON, reason[:500]), (protocol.RERUN, True)):
+            storage.set_trial_user_attr(id_, key, value)
+        tell(study, number, state=TrialState.FAIL)
+
+
+def fail_dead_workers(study: optuna.Study, storage, grace_period: int | None) -> list[FrozenTrial]:
+    """Fail trials left RUNNING by dead workers; returns them (their MLflow runs need ending).
+    This host's by their pid; other hosts' by their last beat (BEAT_AT), older than the grace
+    period; and Optuna's own check of its heartbeats for what is left."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    now = time.time()
     for trial in running:
         attrs = trial.user_attrs
-        if attrs.get(protocol.WORKER_HOST) == HOST and not pid_alive(
-            attrs.get(protocol.WORKER_PID, 0)
-        ):
-            tell(study, trial.number, state=TrialState.FAIL)  # this host: its pid is gone
+        host, pid = attrs.get(protocol.WORKER_HOST), attrs.get(protocol.WORKER_PID, 0)
+        if host == HOST and not pid_alive(pid):
+            fail_for_rerun(study, storage, trial.number, f"worker died: pid {pid} on {host} gone")
+        elif grace_period and now - attrs.get(protocol.BEAT_AT, now) > grace_period:
+            silent = f"worker died: {host} sent no heartbeat for {grace_period}s"
+            fail_for_rerun(study, storage, trial.number, silent)
     with heartbeat_warnings_off():
         optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than grace period
     before = {t.number for t in running}
@@ -158,17 +187,22 @@ def fail_dead_workers(study: optuna.Study) -> list[FrozenTrial]:
     return repaired
 
 
-def budget_used(study: optuna.Study) -> int:
-    """Trials that count toward n_trials."""
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False)
-        if t.state in _BUDGET_STATES
-        or (t.state == TrialState.FAIL and protocol.FAIL_REASON in t.user_attrs)
+def failed_by_job(trial: FrozenTrial) -> bool:
+    """FAIL by the trial's own job (not a dead worker, an interrupt or an outage): it counts."""
+    attrs = trial.user_attrs
+    return (
+        trial.state == TrialState.FAIL
+        and protocol.FAIL_REASON in attrs
+        and not attrs.get(protocol.RERUN)
     )
 
 
-def job_failures(study: optuna.Study) -> int:
-    """Trials failed by their own job (not by a dead worker or an interrupt)."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return sum(1 for t in trials if protocol.FAIL_REASON in t.user_attrs)
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(1 for t in trials if t.state in _BUDGET_STATES or failed_by_job(t))
+
+
+def job_failures(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials failed by their own job, in order."""
+    return [t for t in study.get_trials(deepcopy=False) if failed_by_job(t)]

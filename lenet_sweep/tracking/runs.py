@@ -91,14 +91,14 @@ class TrackedRun(Run):
         error, KILLED on an interrupt, else FAILED with the error as a tag."""
         if self.ended:
             return
-        if error is not None:
-            self.set_tags({"error": f"{type(error).__name__}: {mask_url(str(error))}"[:5000]})
         if error is None:
             self.end("FINISHED")
-        elif isinstance(error, KeyboardInterrupt | SystemExit):
-            self.end("KILLED")
-        else:
-            self.end("FAILED")
+            return
+        try:
+            self.set_tags({"error": f"{type(error).__name__}: {mask_url(str(error))}"[:5000]})
+            self.end("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
+        except Exception:  # noqa: BLE001 - the store is full or away: the error in flight is
+            pass  # what matters; the run is ended KILLED by the next start (repair_orphaned_runs)
 
     def log_epoch(self, stats: dict) -> None:
         """One epoch's metrics at step = epoch."""

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
-from lenet_sweep.errors import UserError, describe, mask_url
+from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
 from lenet_sweep.stores import SQLITE, check_sqlite, sqlite_lock, sqlite_path
 
 HOST = socket.gethostname()
@@ -40,10 +45,18 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+def _raised_anyway(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SQLAlchemy database error")
+
+
 @functools.cache
 def client(uri: str):
     """One MlflowClient per store and process: each new one builds its store again."""
     from mlflow.tracking import MlflowClient
+
+    # MLflow's sqlite store logs a database error with its traceback, then raises it: we report
+    # what it raises (as one line), so the log record is dropped.
+    logging.getLogger("mlflow.store.db.utils").addFilter(_raised_anyway)
 
     return MlflowClient(tracking_uri=uri)
 
@@ -77,6 +90,7 @@ def prepare_experiment(uri: str, name: str) -> str:
                 mlflow_client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
         raise _store_error(uri, name, e) from e
+    _check_artifacts(experiment.artifact_location)
     if experiment.lifecycle_stage != "active":
         raise UserError(
             f"mlflow.experiment={name}: the experiment is deleted in {mask_url(uri)}; restore it "
@@ -85,6 +99,22 @@ def prepare_experiment(uri: str, name: str) -> str:
             "mlflow.experiment"
         )
     return experiment.experiment_id
+
+
+def _check_artifacts(location: str) -> None:
+    """The model and figures go to the experiment's artifact folder when training ends: a folder
+    that cannot be written is told now, before any training (a write, as chattr +i beats root)."""
+    if not location.startswith("file:"):
+        return  # a server's artifact store, which its own requests check
+    folder = Path(url2pathname(urlparse(location).path))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise outage(e, folder) or UserError(
+            f"MLflow artifacts go to {folder}, which cannot be written ({e.strerror}); make it "
+            "writable, or set mlflow.tracking_uri to a store in a writable folder"
+        ) from e
 
 
 def _store_error(uri: str, name: str, error: Exception) -> UserError:
@@ -97,6 +127,14 @@ def _store_error(uri: str, name: str, error: Exception) -> UserError:
         )
     if "experiment name" in text.lower():
         return UserError(f"mlflow.experiment={name}: not a usable name ({describe(error)})")
+    if down := outage(error, sqlite_path(uri)):
+        if sqlite_path(uri):
+            return down  # the disk of the store is full
+        return Outage(
+            f"MLflow tracking URI {mask_url(uri)} is unreachable ({describe(error)}); start the "
+            "server (or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri), then rerun the same "
+            "command: nothing is lost, a sweep's study goes on"
+        )
     return UserError(
         f"MLflow tracking URI {mask_url(uri)} is not usable ({describe(error)}); start the server "
         "or set MLFLOW_TRACKING_URI / mlflow.tracking_uri to a reachable store"

@@ -114,7 +114,7 @@ def _e_row(name: str, wall: float, rc: int, note: str) -> dict:
 # --- (f) a fused sweep ---------------------------------------------------------------------------
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 PHASES = [
-    ("start-up", r"Launching \d+ jobs"),
+    ("start-up", r"trial \d+ started"),
     ("preparing the jobs", r"trials as one group"),
     ("training + hooks + records", r"epoch \d+/\d+:"),
     ("ending the runs", r"sweep \S+: .* trial\(s\) run here"),

@@ -80,26 +80,15 @@ def _knob_rules() -> dict:
     return {**config.knobs(config.RunConfig), **sweeper}
 
 
-# The launchers another package brings: the package and this project's extra that installs it.
-_PLUGINS = {
-    "submitit_local": ("hydra-submitit-launcher", "slurm"),
-    "submitit_slurm": ("hydra-submitit-launcher", "slurm"),
-    "slurm": ("hydra-submitit-launcher", "slurm"),
-    "ray": ("hydra-ray-launcher", "ray"),
-    "ray_cluster": ("hydra-ray-launcher", "ray"),
-    "joblib": ("hydra-joblib-launcher", "joblib"),
-}
-
-
 def _plugin_missing(text: str) -> UserError | None:
     """`hydra/launcher=slurm` without hydra-submitit-launcher: which extra installs it."""
     missing = re.search(
         r"(?:In 'hydra/launcher/(\w+)': )?Could not (?:find|load) 'hydra/launcher/(\w+)'", text
     )
-    if not missing or (missing[1] or missing[2]) not in _PLUGINS:
+    chosen = missing and (missing[1] or missing[2])
+    if not chosen or not config.LAUNCHERS.get(chosen, (None, None))[1]:
         return None
-    chosen = missing[1] or missing[2]
-    package, extra = _PLUGINS[chosen]
+    package, extra = config.LAUNCHERS[chosen][1]
     return UserError(
         f"hydra/launcher={chosen} needs {package}, which is not installed: "
         f"pip install 'lenet_sweep[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
@@ -155,6 +144,9 @@ def _cli() -> None:
                 "hydra.run.dir (hydra.sweep.dir with -m) to a writable folder"
             )
         )
+    except BrokenPipeError:  # `--help | head`: the reader is gone, as for any command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except Exception as e:  # noqa: BLE001 - an outage (full disk, store away) as one line
         run_dir = _hydra_run_dir(e)
         if (down := errors.outage(e, run_dir)) is None:

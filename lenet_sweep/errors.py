@@ -57,6 +57,8 @@ def outage(error: BaseException, where: object = None) -> Outage | None:
         walked.add(id(seen))
         if isinstance(seen, UserError):
             return seen if isinstance(seen, Outage) else None
+        if isinstance(seen, BrokenPipeError):  # our stdout's reader left (`| head`): no store
+            return None
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             what = _filesystem(seen.filename or where)
             return Outage(f"{what} is full ({seen.strerror}); free space, {rerun}")

@@ -1,9 +1,12 @@
 """The Hydra task and the CLI: what a user runs, read back from the MLflow store."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 
+from lenet_sweep import PROJECT_ROOT
 from lenet_sweep.job import run as app
 from tests.conftest import SMALL, run_cli, runs_of
 
@@ -183,10 +186,32 @@ def test_cli_cfg_job_and_help():
         and "lr: 0.3" in proc.stdout
         and "_target_: torch.optim.SGD" in proc.stdout
     )
-    proc = run_cli("--help")
-    assert proc.returncode == 0
+    proc = run_cli("--help", "lr=0.3")
+    assert proc.returncode == 0 and proc.stderr == ""
+    out = proc.stdout
     for group in ("model: lenet, lenet_relu", "optimizer: adam, sgd", "data: fashion_mnist, mnist"):
-        assert group in proc.stdout
+        assert group in out
+    # Every knob with its value, meaning and range, from the schema (one source).
+    from lenet_sweep import config
+
+    rows = [*config.knobs(config.RunConfig).items(),
+            *config.knobs(config.LenetOptunaSweeperConf, "hydra.sweeper.").items()]  # fmt: skip
+    for key, rule in rows:
+        assert f"\n  {key}=" in out and f"{rule.help} ({rule.allowed})" in out, key
+    assert "\n  lr=0.3 " in out and "\n  hydra.sweeper.n_trials=20 " in out
+    for launcher in ("basic", "fused", "slurm", "ray_cluster"):
+        assert f"\n  {launcher} " in out
+    assert "hydra/sweeper/sampler={tpe,random," in out and "pruner={none,median," in out
+    assert out.split("== Examples ==")[1].count("python -m lenet_sweep") >= 3
+    for internal in ("powered by Hydra", "sha256", "c59f468a", "trial:", "_target_"):
+        assert internal not in out
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    # `true` reads nothing and is gone before the page is written: the write meets EPIPE.
+    command = f"set -o pipefail; {sys.executable} -m lenet_sweep --help | true"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert proc.returncode == 141 and proc.stderr == ""  # 128 + SIGPIPE, as a shell's commands
 
 
 def test_training_curves_show_every_epoch_even_one():

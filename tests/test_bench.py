@@ -15,13 +15,14 @@ def test_sweep_phases_splits_a_sweep_log_at_its_marks():
         return datetime.strptime(f"2026-11-26 08:00:{s}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     lines = [
-        "2026/11/26 08:00:02 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
-        "[2026-11-26 08:00:05,000][HYDRA] Launching 64 jobs fused",
-        "[2026-11-26 08:00:12,500][HYDRA] training 64 trials as one group on cuda:0",
-        "[2026-11-26 08:00:13,000][HYDRA] t000 lr=0.1 ep=2: epoch 1/2: train loss 2.3",
-        "[2026-11-26 08:00:40,000][HYDRA] t001 lr=0.2 ep=20: epoch 20/20: train loss 0.4",
-        "[2026-11-26 08:00:41,000][HYDRA] MLflow run 0123: mlflow ui ...",
-        "[2026-11-26 08:00:42,000][HYDRA] sweep lenet_sweep: 64 complete; 64 trial(s) run here in 37s",
+        "[2026-11-26 08:00:02,000] MLflow: mlflow ui ...",
+        "[2026-11-26 08:00:05,000] trial 0 started: lr=0.1 epochs=2",
+        "[2026-11-26 08:00:05,000] trial 1 started: lr=0.2 epochs=20",
+        "[2026-11-26 08:00:12,500] training 64 trials as one group on cuda:0",
+        "[2026-11-26 08:00:13,000] t000 lr=0.1 ep=2: epoch 1/2: train loss 2.3",
+        "[2026-11-26 08:00:40,000] t001 lr=0.2 ep=20: epoch 20/20: train loss 0.4",
+        "[2026-11-26 08:00:41,000] group of 64 trials: 250000.0 examples/sec on cuda:0",
+        "[2026-11-26 08:00:42,000] sweep lenet_sweep: 64 complete; 64 trial(s) run here in 37s",
     ]
     phases = sweep_phases(lines, at("01,000"), at("45,000"))
     assert [(name, round(s, 3)) for name, s in phases] == [
@@ -34,7 +35,7 @@ def test_sweep_phases_splits_a_sweep_log_at_its_marks():
 
 
 def test_sweep_phases_of_a_sweep_that_never_launched():
-    phases = sweep_phases(["[2026-11-26 08:00:03,000][HYDRA] error: lr=abc"], 100.0, 104.5)
+    phases = sweep_phases(["[2026-11-26 08:00:03,000] error: lr=abc"], 100.0, 104.5)
     assert phases == [("closing", 4.5)]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +223,14 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
         else:
             assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
         assert (sweep.dir / str(number) / ".hydra" / "config.yaml").is_file()
+    # The log: each trial's start and end once; the group's rate once, no trial's own.
+    out = proc.stdout
+    assert re.search(r"\] group of 8 trials: [\d.]+ examples/sec on cpu\n", out), out
+    assert out.count("examples/sec") == 1 and out.count("mlflow ui ") == 1
+    for t in trials:
+        assert out.count(f"] trial {t.number} started: lr=") == 1
+        end = "done: test_acc=" if t.state == TrialState.COMPLETE else "failed: "
+        assert out.count(f"] trial {t.number} {end}") == 1
 
 
 def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811

@@ -13,8 +13,8 @@ LAYERS = {
     "config": 1, "core": 2, "tracking": 3, "fused": 3, "sweep": 4, "job": 5,
     "cli": 6, "__main__": 6, "bench": 6,
 }  # fmt: skip
-# The total: 4,600 when the house was rebuilt (issue 25); each capability since adds its own share.
-MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 5000
+# The total: 4,600 when the house was rebuilt (issue 25); the capabilities since add their share.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 5200
 
 
 def _modules() -> dict[str, Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def sweep(tmp_path, mlflow_uri, experiment):
     return Sweep()
 
 
+def _assert_one_line_per_trial(out: str, trials) -> None:
+    """A sweep's log: each trial's start (number and params) and end once, the UI link once, no
+    internal override, no third-party INFO line; every line in one timed format."""
+    lines = out.splitlines()
+    for t in trials:
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in t.params.items())  # fmt: skip
+        assert sum(ln.endswith(f"] trial {t.number} started: {params}") for ln in lines) == 1
+        assert sum(f"] trial {t.number} done: " in ln for ln in lines) == 1
+    assert out.count("mlflow ui ") == 1 and out.count("workflowType=machine_learning") == 1
+    for internal in ("trial.parent_run_id", "env_set", "LENET_SWEEP", "Launching", "[I ", "INFO"):
+        assert internal not in out
+    assert all(re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] ", ln) for ln in lines), out
+
+
 def test_sweep_records_study_parent_and_children(sweep):
     proc = sweep.run(
         "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
@@ -102,8 +118,11 @@ def test_sweep_records_study_parent_and_children(sweep):
         results["best_value"] == pytest.approx(best.value) and results["best_params"] == best.params
     )
     assert f"best trial {best.number}" in proc.stderr + proc.stdout
-    # one line per finished trial, with the best so far; the parent names the best run's model
-    assert proc.stdout.count(" done: test_acc=") == 3 and "best so far: trial " in proc.stdout
+    _assert_one_line_per_trial(proc.stdout, trials)
+    assert re.search(
+        r"trial \d done: test_acc=\S+, [\d,]+ examples/sec; best so far: trial ", proc.stdout
+    )
+    # the parent names the best run's model
     best_child = by_number[best.number]
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
     assert parent.data.tags["best_model_uri"] == f"runs:/{best_child.info.run_id}/model"

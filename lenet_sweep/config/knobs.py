@@ -26,6 +26,7 @@ class Knob:
     positive: bool = False
     choices: tuple = ()
     kind: type | None = None  # from the field's annotation, filled in by knobs()
+    help: str = ""  # what it means, for --help
 
     def check(self, key: str, value) -> None:
         bad = (
@@ -45,9 +46,9 @@ class Knob:
         return UserError(f"{key}={value}: must be {self.allowed}")
 
 
-def knob(default, allowed: str, **limits) -> Any:
+def knob(default, allowed: str, help: str = "", **limits) -> Any:  # noqa: A002 - argparse's word
     """A dataclass field that carries its Knob (types come from the annotation)."""
-    return field(default=default, metadata={"knob": Knob(allowed, **limits)})
+    return field(default=default, metadata={"knob": Knob(allowed, help=help, **limits)})
 
 
 def knobs(schema, prefix: str = "") -> dict[str, Knob]:

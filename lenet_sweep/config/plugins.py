@@ -18,22 +18,38 @@ class LenetOptunaSweeperConf:
         default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "none"}]
     )
     sampler: Any = None  # hydra/sweeper/sampler/*: built by Hydra (grid: a partial)
-    direction: Any = "maximize"  # or a list: one direction per objective (multi-objective)
-    # The job's returned metrics to optimise, in order; the first one per direction is used.
+    direction: Any = knob(
+        "maximize", "maximize, minimize or a list of them", "for the objectives, a list: one each"
+    )
     # null: the job returns the value(s) itself (one number, or one per direction).
-    objectives: list[str] | None = None
-    # Optuna RDB URL; same storage + study_name = same study. null: <sweep dir>/optuna.db
-    storage: str | None = None
-    study_name: str | None = None  # null: the app's job name
-    n_trials: int = knob(20, "an integer >= 1", minimum=1)  # the study's total
-    n_jobs: int = knob(1, "an integer >= 1", minimum=1)  # trials handed to the launcher at once
-    max_failure_rate: float = knob(0.5, "a number in [0, 1]", minimum=0, maximum=1)
-    params: dict[str, str] | None = None  # the search space in Hydra's sweep grammar
+    objectives: list[str] | None = knob(
+        None, "null or a list of metric names", "the job's metrics to optimise, in order"
+    )
+    storage: str | None = knob(
+        None, "null or an Optuna RDB URL", "same storage + study_name = the same study"
+    )
+    study_name: str | None = knob(None, "null or a plain name", "null: the app's job name")
+    n_trials: int = knob(
+        20, "an integer >= 1", "the study's total; a rerun runs what is left", minimum=1
+    )
+    n_jobs: int = knob(1, "an integer >= 1", "trials handed to the launcher at once", minimum=1)
+    max_failure_rate: float = knob(
+        0.5, "a number in [0, 1]", "stop once failed trials pass it", minimum=0, maximum=1
+    )
+    params: dict[str, str] | None = knob(
+        None, "a map of key: sweep", "the search space, e.g. {lr: 'interval(0.1, 1)'}"
+    )
     custom_search_space: str | None = None  # "module.fn": fn(cfg, trial) suggests extra params
-    enqueue: list[dict[str, Any]] | None = None  # parameter sets tried first, once per study
+    enqueue: list[dict[str, Any]] | None = knob(
+        None, "null or a list of maps", "parameter sets tried first, once per study"
+    )
     pruner: Any = None  # hydra/sweeper/pruner/*
-    heartbeat_interval: int = knob(10, "an integer >= 1 (seconds)", minimum=1)
-    grace_period: int = knob(30, "an integer >= 1 (seconds)", minimum=1)
+    heartbeat_interval: int = knob(
+        10, "an integer >= 1 (seconds)", "a worker's sign of life", minimum=1
+    )
+    grace_period: int = knob(
+        30, "an integer >= 1 (seconds)", "a silent worker's trials fail after it", minimum=1
+    )
     # range(a, b) ends: false = Hydra's grammar (b excluded); true = the official plugin's (b in)
     inclusive_range_end: bool = False
     # MLflow: a parent run per study, read from the app's `mlflow` node (tracking_uri, experiment)
@@ -41,6 +57,17 @@ class LenetOptunaSweeperConf:
     # "module.fn": fn(config, search_space, group_options) checks a sweep before it starts
     app_checks: str | None = None
 
+
+# hydra/launcher=<name>: what it does, and the package (and this project's extra) it needs.
+LAUNCHERS = {
+    "basic": ("one trial after another, in the sweep's process", None),
+    "fused": ("each batch of n_jobs trials trained as one model on one device", None),
+    "joblib": ("trials in parallel local processes", ("hydra-joblib-launcher", "joblib")),
+    "submitit_local": ("trials as local submitit jobs", ("hydra-submitit-launcher", "slurm")),
+    "slurm": ("trials as SLURM jobs, through submitit", ("hydra-submitit-launcher", "slurm")),
+    "ray": ("trials as tasks of a local Ray", ("hydra-ray-launcher", "ray")),
+    "ray_cluster": ("trials as tasks on a Ray cluster", ("hydra-ray-launcher", "ray")),
+}
 
 # Samplers and pruners by name: hydra/sweeper/sampler=<name>, hydra/sweeper/pruner=<name>.
 SAMPLERS = {
@@ -94,4 +121,6 @@ class FusedLauncherConf:
 
     _target_: str = "hydra_plugins.lenet_sweep_fused.launcher.FusedLauncher"
     # most trials in one group (memory: K x batch); null: no limit
-    max_group: int | None = knob(None, "null or an integer >= 1", minimum=1)
+    max_group: int | None = knob(
+        None, "null or an integer >= 1", "fused: most trials in one group", minimum=1
+    )

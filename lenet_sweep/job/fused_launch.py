@@ -21,6 +21,7 @@ from lenet_sweep.config.knobs import check_knobs
 from lenet_sweep.config.plugins import FusedLauncherConf
 from lenet_sweep.job.compose import Composer
 from lenet_sweep.job.job import Job
+from lenet_sweep.sweep import protocol
 
 log = logging.getLogger(__name__)
 TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each member's run
@@ -38,7 +39,6 @@ class FusedLaunch:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        log.info("Launching %d jobs fused", len(job_overrides))
         returns = [self._prepared(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
         jobs = {i: r.return_value for i, r in enumerate(returns) if r.status == JobStatus.COMPLETED}
         try:
@@ -102,6 +102,11 @@ class FusedLaunch:
             )
         for (i, job), member in zip(group, members, strict=True):
             returns[i] = _finished(returns[i], job, member)
+            setattr(returns[i], protocol.TRAINED_TOGETHER, True)  # the rate below is the group's
+        results = [m.state.result for m in members if m.state and m.state.result.train_time_s]
+        if results:
+            rate = sum(r.examples_seen for r in results) / max(r.train_time_s for r in results)
+            log.info("group of %d trials: %.1f examples/sec on %s", len(group), rate, first.device)
 
 
 def _members(group: list[tuple[int, Job]]) -> list:

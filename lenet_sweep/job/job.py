@@ -138,9 +138,11 @@ class Job:
         state; the run itself ends when its TrackedRun closes."""
         if not self.recorded:
             self.record(result)
+        # A sweep's trial ends with the sweep's one line (and its one UI link) instead.
+        level = logging.INFO if self.link is None else logging.DEBUG
         link = store.ui_link(self.uri, self.experiment_id)
-        log.info("MLflow run %s: %s", self.mlrun.run_id, link)
-        _print_seed_lines(result, self.device)
+        log.log(level, "MLflow run %s: %s", self.mlrun.run_id, link)
+        _print_seed_lines(result, self.device, level)
         if self.link is not None:
             self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
             self.link.completed(result.train_time_s + result.eval_time_s)
@@ -231,13 +233,9 @@ def _epoch_hooks(cfg, job: HydraJob, mlrun: TrackedRun, link: TrialLink | None) 
     return epoch_hooks
 
 
-def _print_seed_lines(result: TrainResult, device) -> None:
+def _print_seed_lines(result: TrainResult, device, level: int = logging.INFO) -> None:
     """train_ch6's two closing lines."""
     final = result.final
-    log.info(
-        "loss %.3f, train acc %.3f, test acc %.3f",
-        final["train_loss"],
-        final["train_acc"],
-        final["test_acc"],
-    )
-    log.info("%.1f examples/sec on %s", result.examples_per_sec, device)
+    losses = final["train_loss"], final["train_acc"], final["test_acc"]
+    log.log(level, "loss %.3f, train acc %.3f, test acc %.3f", *losses)
+    log.log(level, "%.1f examples/sec on %s", result.examples_per_sec, device)

@@ -3,6 +3,7 @@ train it with the trainer for its device, record it; returns the final metrics."
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _run(cfg: DictConfig) -> dict[str, float]:
     job = Job.prepare(cfg)
     with signals.stop_on_signals(), job.mlrun, speed.training([job.net], job.device):
-        log.info("training on %s", job.device)
+        log.log(logging.INFO if job.link is None else logging.DEBUG, "training on %s", job.device)
         trainer = trainer_for(cfg, job.device)
         try:
             result = trainer(

@@ -34,6 +34,24 @@ from lenet_sweep.sweep.setup import SweepSetup
 from lenet_sweep.tracking import store as tracking_store
 
 log = logging.getLogger("lenet_sweep.sweep")
+# Hydra's launchers log each job's overrides, the protocol's internals among them (trial.*,
+# env_set): the sweep logs each trial's number and params instead.
+_LAUNCHER_LOGS = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+    "hydra_plugins.hydra_ray_launcher._core",
+    "hydra_plugins.hydra_joblib_launcher._core",
+)
+
+
+def _one_log_format() -> None:
+    """Optuna's INFO lines off and its warnings through the app's handlers, in the app's format;
+    the launchers' job lines off."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    for name in _LAUNCHER_LOGS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 _ABSENT = object()
@@ -55,6 +73,10 @@ def trial_name(number: int, params: dict) -> str:
     return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
 
 
+def _shown(params: dict) -> str:
+    return " ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in params.items())
+
+
 class OptunaSweep:
     """One sweep process: settings + Hydra's composed config + a launcher."""
 
@@ -66,6 +88,7 @@ class OptunaSweep:
         group_options: Callable[[str], list[str]],
     ):
         self.settings, self.config, self.launcher = settings, config, launcher
+        _one_log_format()
         self.setup = SweepSetup(settings, config, group_options)
         self.directions, self.objectives = self.setup.directions, self.setup.objectives
         self.sweep_dir = self.setup.sweep_dir
@@ -108,9 +131,9 @@ class OptunaSweep:
         dead = study_storage.fail_dead_workers(study, storage, settings.grace_period)
         if self.mlflow_uri:
             kill_trial_runs(self.mlflow_uri, dead)
-        done, shown = study_storage.budget_used(study), {k: repr(v) for k, v in space.items()}
+        done, shown = study_storage.budget_used(study), search_space.describe(space)
         where, name = mask_url(settings.storage), type(sampler).__name__
-        log.info("study %s in %s: %d/%d trials done, sampler %s, search space %s",
+        log.info("study %s in %s: %d/%d trials done, sampler %s, search %s",
                  study.study_name, where, done, settings.n_trials, name, shown)  # fmt: skip
         with study_storage.ask_lock(storage, settings.storage):
             parent = (
@@ -134,6 +157,8 @@ class OptunaSweep:
             )
             self.setup.enqueue(study)
         parent.set_tags({"sweep_dir": self.sweep_dir})
+        if self.mlflow_uri:
+            log.info("MLflow: %s", tracking_store.ui_link(self.mlflow_uri, experiment_id))
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
             states = self._loop(study, storage, space, fixed, parent)
@@ -154,6 +179,8 @@ class OptunaSweep:
                 while not signals.check() and (in_flight := self._ask(study, storage)):
                     heartbeat.watch(in_flight)
                     overrides = [self._overrides(t, space, fixed, parent.run_id) for t in in_flight]
+                    for trial in in_flight:
+                        log.info("trial %d started: %s", trial.number, _shown(trial.params))
                     try:
                         returns = self.launcher.launch(
                             overrides, initial_job_idx=in_flight[0].number

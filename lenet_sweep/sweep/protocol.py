@@ -118,6 +118,12 @@ class Outcome:
     values: list[float] | None = None
     reason: str | None = None
     rerun: bool = False  # FAIL by an outage (errors.Outage): not the trial's fault
+    rate: float | None = None  # the job's examples/sec, unless it trained with others
+
+
+# On a JobReturn: the job trained together with others (a fused group), whose rate the launcher
+# logs once, for the group.
+TRAINED_TOGETHER = "trained_together"
 
 
 def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
@@ -145,7 +151,9 @@ def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
         return _failed(ValueError(f"job returned {returned!r}, not values for {objectives}"))
     if len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
         return _failed(ValueError(f"job returned {_shown(values)} for {objectives}"))
-    return Outcome(TrialState.COMPLETE, values=values)
+    rate = returned.get("examples_per_sec") if isinstance(returned, Mapping) else None
+    alone = not getattr(ret, TRAINED_TOGETHER, False)
+    return Outcome(TrialState.COMPLETE, values=values, rate=rate if alone else None)
 
 
 def _shown(values: list[float]) -> str:

@@ -12,7 +12,6 @@ from optuna.trial import TrialState
 from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
 from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep import storage as study_storage
-from lenet_sweep.tracking import store as tracking_store
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -76,9 +75,11 @@ def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> N
         so_far = f"best so far: trial {best.number}, {values(best, objectives)}"
     else:
         so_far = f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}"
-    for trial in completed:
-        done = trials[trial.number]
-        log.info("trial %d done: %s; %s", trial.number, values(done, objectives), so_far)
+    for trial, outcome in zip(batch, outcomes, strict=True):
+        if outcome.state == TrialState.COMPLETE:
+            done = values(trials[trial.number], objectives)
+            rate = f", {outcome.rate:,.0f} examples/sec" if outcome.rate else ""
+            log.info("trial %d done: %s%s; %s", trial.number, done, rate, so_far)
 
 
 def too_many_failures(study, settings) -> bool:
@@ -115,8 +116,6 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
             "%s trial %d: %s with %s", kind, trial.number, values(trial, sweep.objectives), shown
         )
     log.info("results: %s", results_file)
-    if sweep.mlflow_uri:
-        log.info("MLflow: %s", tracking_store.ui_link(sweep.mlflow_uri, parent.experiment_id))
     if too_many:
         raise SweepFailed(
             f"sweep {study.study_name}: {len(study_storage.job_failures(study))} of "

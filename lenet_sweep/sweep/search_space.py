@@ -127,6 +127,18 @@ def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+def describe(space: dict[str, BaseDistribution]) -> str:
+    """`lr log [0.01, 3], epochs [1, 20]`: the search space as the sweep's first line shows it."""
+    shown = []
+    for key, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            shown.append(f"{key} in {{{', '.join(map(str, dist.choices))}}}")
+            continue
+        step = f" step {dist.step:g}" if dist.step and dist.step != 1 else ""
+        shown.append(f"{key}{' log' if dist.log else ''} [{dist.low:g}, {dist.high:g}]{step}")
+    return ", ".join(shown) or "none (fixed values only)"
+
+
 def format_value(value: Any) -> str:
     """A value as a Hydra override value (strings quoted)."""
     if isinstance(value, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -46,6 +47,7 @@ def draw_study_plots(study, objectives: list[str], folder: str) -> dict[str, str
     when there are several. Returns {file name: None if drawn, else why it was skipped}."""
     _agg()
     import matplotlib.pyplot as plt
+    import optuna
     from optuna.visualization import matplotlib as ovm
 
     first = {} if len(objectives) == 1 else {"target": lambda t: t.values[0]}
@@ -65,7 +67,9 @@ def draw_study_plots(study, objectives: list[str], folder: str) -> dict[str, str
     outcome: dict[str, str | None] = {}
     for name, plot in plots.items():
         try:
-            ax = plot()
+            with warnings.catch_warnings():  # "experimental (supported from v2.2.0)": noise
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.savefig(os.path.join(folder, name))
             plt.close(fig)

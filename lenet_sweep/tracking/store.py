@@ -26,9 +26,18 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def configure_env() -> None:
-    """Fail fast on an unreachable tracking server instead of retrying for minutes (set by cli)."""
+    """Fail fast on an unreachable tracking server instead of retrying for minutes; MLflow's log
+    records through the app's handlers, in its format (set by cli, before `import mlflow`)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    _quiet()
+
+
+def _quiet() -> None:
+    """MLflow's INFO lines off (creating and migrating a store's tables), its warnings kept."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -57,6 +66,7 @@ def client(uri: str):
     # MLflow's sqlite store logs a database error with its traceback, then raises it: we report
     # what it raises (as one line), so the log record is dropped.
     logging.getLogger("mlflow.store.db.utils").addFilter(_raised_anyway)
+    _quiet()  # also in job processes that did not start from the CLI (submitit, Ray)
 
     return MlflowClient(tracking_uri=uri)
 

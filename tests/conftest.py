@@ -102,6 +102,13 @@ def runs_of(mlflow_uri: str, experiment: str):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def model_of(client, run):
+    """The run's LoggedModel `model` (MLflow 3: on its experiment's Models tab) and its files."""
+    models = client.search_logged_models([run.info.experiment_id], filter_string="name = 'model'")
+    [model] = [m for m in models if m.source_run_id == run.info.run_id]
+    return model, sorted(f.path for f in client.list_logged_model_artifacts(model.model_id))
+
+
 # A grid of two trials: lr 1e-7 stays below 0.3 after epoch 1 and is pruned, lr 0.003 completes.
 PRUNED_AND_COMPLETE = [
     "hydra/sweeper/sampler=grid",

@@ -1,5 +1,6 @@
 """The Hydra task and the CLI: what a user runs, read back from the MLflow store."""
 
+import json
 import math
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 
 from lenet_sweep import PROJECT_ROOT
 from lenet_sweep.job import run as app
-from tests.conftest import SMALL, run_cli, runs_of
+from tests.conftest import SMALL, model_of, run_cli, runs_of
 
 
 def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
@@ -47,6 +48,17 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
     assert run.data.tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "training_curves.png"} <= artifacts
+    # The data as the run's inputs: the runs table's Dataset column, digests the checked SHA-256.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["evaluation", "training"]
+    train = inputs["training"]
+    sha = "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"  # train images
+    assert train.name == "fashion_mnist training (2048)" and train.digest == sha[:36]
+    assert json.loads(train.profile) == {
+        "num_rows": 2048, "images_sha256": sha,
+        "labels_sha256": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    }  # fmt: skip
+    assert inputs["evaluation"].name == "fashion_mnist evaluation (512)"
     # artifacts live beside the sqlite store, whatever the cwd
     store_dir = mlflow_uri[len("sqlite:///") :].rsplit("/", 1)[0]
     assert run.info.artifact_uri.startswith(f"file://{store_dir}/mlartifacts/")
@@ -65,11 +77,18 @@ def test_each_run_logs_a_model_that_loads_with_its_accuracy(make_cfg, mlflow_uri
 
     cfg = make_cfg("epochs=2")
     metrics = app.run(cfg)
-    _, [run] = runs_of(mlflow_uri, experiment)
+    client, [run] = runs_of(mlflow_uri, experiment)
     mlflow.set_tracking_uri(mlflow_uri)
     net = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     test = load_split(cfg.data, train=False, device=torch.device("cpu"))
     assert evaluate_accuracy(net, test, 256) == metrics["test_acc"] == run.data.metrics["test_acc"]
+    # MLflow 3: a LoggedModel of the run, in its experiment, with the last epoch's metrics.
+    model, _ = model_of(client, run)
+    assert model.status == "READY" and model.experiment_id == run.info.experiment_id
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["test_acc"] == metrics["test_acc"] and {"train_loss", "train_acc"} <= set(linked)
+    assert model.params["lr"] == run.data.params["lr"]
+    assert mlflow.pytorch.load_model(f"models:/{model.model_id}") is not None
 
 
 def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
@@ -77,6 +96,7 @@ def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
 ):
     from importlib.metadata import version
 
+    import mlflow.artifacts
     from mlflow.utils import environment, requirements_utils
 
     from lenet_sweep.core.models import lenet
@@ -88,11 +108,11 @@ def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
     check = environment.warn_dependency_requirement_mismatches
     exp = tracking_store.prepare_experiment(mlflow_uri, experiment)
     with TrackedRun(mlflow_uri, exp, "model only", {}, None) as run:
-        run.log_model(lenet())
+        run.log_model(lenet(), step=1)
     assert requirements_utils._MODULES_TO_PACKAGES is None  # the scan never ran
     assert environment.warn_dependency_requirement_mismatches is check  # MLflow's own, restored
-    path = tracking_store.client(mlflow_uri).download_artifacts(
-        run.run_id, "model/requirements.txt"
+    path = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.run_id}/model/requirements.txt", tracking_uri=mlflow_uri
     )
     with open(path) as f:
         pins = f.read().split()

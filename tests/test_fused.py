@@ -25,7 +25,7 @@ from lenet_sweep.fused.engine import Member, train_group
 from lenet_sweep.fused.epoch import Epoch
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import store as tracking_store
-from tests.conftest import PRUNED_AND_COMPLETE
+from tests.conftest import PRUNED_AND_COMPLETE, model_of
 from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 CPU = torch.device("cpu")
@@ -218,7 +218,8 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
             assert history[-1].value == t.value  # Optuna's value is the child's last epoch
             assert float(run.data.params["lr"]) == t.params["lr"]
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert {"model", "config.yaml", "training_curves.png"} <= names
+            assert {"config.yaml", "training_curves.png"} <= names
+            assert "MLmodel" in model_of(client, run)[1]
             assert (sweep.dir / str(number) / "checkpoint.pt").is_file()
         else:
             assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"

@@ -58,9 +58,10 @@ def _faults(mode: str, mb: int = 16, **env) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_after_cpu_training_freed_memory_is_reused_without_page_faults():
-    # A round is 12 k pages: glibc's defaults give them back to the kernel every round (~60 k
-    # faults in 5), kept they fault less than one round's worth (the heap may grow once).
-    assert _faults("plain") > 30_000
+    # A round is 12 k pages; kept, they fault less than one round's worth (the heap may grow
+    # once). glibc's defaults give them back to the kernel, but how often depends on its dynamic
+    # threshold at 16 MB (16 k to 60 k faults seen in 5 rounds): the baseline is measured with
+    # blocks above its 32 MiB ceiling, in the two tests below.
     assert _faults("train") < 12_000
     assert _faults("fused") < 12_000
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
 from lenet_sweep.tracking import store as tracking_store
-from tests.conftest import PRUNED_AND_COMPLETE, SMALL, run_cli, run_together
+from tests.conftest import PRUNED_AND_COMPLETE, SMALL, model_of, run_cli, run_together
 from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,8 @@ def test_two_workers_record_through_a_tracking_server(tracking_server, tmp_path,
             assert [m.step for m in history] == list(range(1, trial.params["epochs"] + 1))
             assert history[-1].value == trial.value
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert {"model", "config.yaml", "training_curves.png"} <= names
+            assert {"config.yaml", "training_curves.png"} <= names
+            assert "MLmodel" in model_of(client, run)[1]
             config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
             assert f"epochs: {trial.params['epochs']}" in config.read_text()
         plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}

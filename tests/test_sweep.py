@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep.tracking import store as tracking_store
-from tests.conftest import PRUNED_AND_COMPLETE, SMALL, run_cli, run_together, runs_of
+from tests.conftest import PRUNED_AND_COMPLETE, SMALL, model_of, run_cli, run_together, runs_of
 
 
 @pytest.fixture
@@ -86,9 +86,8 @@ def _assert_one_line_per_trial(out: str, trials) -> None:
 
 
 def test_sweep_records_study_parent_and_children(sweep):
-    proc = sweep.run(
-        "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
-    )
+    args = ["hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"]
+    proc = sweep.run(*args, "hydra.sweeper.register_model=lenet-best")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert [t.number for t in trials] == [0, 1, 2]
@@ -126,21 +125,17 @@ def test_sweep_records_study_parent_and_children(sweep):
     best_child = by_number[best.number]
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
     assert parent.data.tags["best_model_uri"] == f"runs:/{best_child.info.run_id}/model"
-    assert [
-        a.path
-        for a in tracking_store.client(sweep.mlflow_uri).list_artifacts(
-            best_child.info.run_id, "model"
-        )
-    ] == [
-        f"model/{f}"
-        for f in ("MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt")
-    ]
+    model, files = model_of(tracking_store.client(sweep.mlflow_uri), best_child)
+    assert files == ["MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt"]
+    assert parent.data.tags["best_model_id"] == model.model_id
     assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
     # n_trials is the total: the same command again runs nothing more.
-    again = sweep.run(
-        "hydra.sweeper.n_trials=3", "lr=tag(log, interval(0.05, 2.0))", "epochs=range(1, 3)"
-    )
+    again = sweep.run(*args, "hydra.sweeper.register_model=lenet-best")
     assert again.returncode == 0 and len(sweep.trials()) == 3 and len(sweep.runs()[1]) == 3
+    # The best model registered once (opt-in), as a version of the name given.
+    [version] = tracking_store.client(sweep.mlflow_uri).search_model_versions("name = 'lenet-best'")
+    assert (version.run_id, version.source) == (best_child.info.run_id, f"models:/{model.model_id}")
+    assert sweep.runs()[0][0].data.tags["registered_model"] == "lenet-best/1"
 
 
 def test_multi_objective_sweep_records_the_pareto_front(sweep):

@@ -31,8 +31,7 @@ CHROMIUM = [
     "--disable-sync",
     "--virtual-time-budget=20000",
 ]
-# LENET_SWEEP_UPDATE_DOCS=1 keeps the compare page's screenshot as the README's figure.
-SCREENSHOT = PROJECT_ROOT / "docs" / "mlflow-compare.png"
+DOCS = PROJECT_ROOT / "docs"  # where LENET_SWEEP_UPDATE_DOCS=1 keeps the screenshots
 
 
 def _free_port() -> int:
@@ -72,6 +71,7 @@ def ui(tmp_path):
         # Both epochs values for sure (three random draws agree one time in four):
         # the compare page lists the params that differ.
         "hydra.sweeper.enqueue=[{lr: 0.1, epochs: 1}, {lr: 0.5, epochs: 2}]",
+        "hydra.sweeper.register_model=lenet-best",
     )
     single = run_cli(*common, "epochs=2", f"hydra.run.dir={tmp_path / 'r'}")
     assert sweep.returncode == 0 and single.returncode == 0, sweep.stderr[-2000:] + single.stderr
@@ -114,12 +114,30 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
     _, runs = runs_of(uri, "lenet_sweep")
     experiment_id = runs[0].info.experiment_id
     children = [r for r in runs if "optuna.trial_number" in r.data.tags]
-    # The link each run prints opens the runs table, not the GenAI overview.
-    link = f"/#/experiments/{experiment_id}?workflowType=machine_learning"
+    # The link each run prints opens the runs table (not the GenAI overview) in the project's
+    # view: sorted by test_acc, which is the first column after the names; the Dataset filled.
+    link = (
+        f"/#/experiments/{experiment_id}/runs?viewStateShareKey=lenet_sweep"
+        "&workflowType=machine_learning"
+    )
     assert link in single.stdout
-    page = _browser(base + link, tmp_path / "profile-runs")
+    size = "--window-size=1400,900"  # the table draws the columns that fit
+    page = _browser(base + link, tmp_path / "profile-runs", size, "--dump-dom")
     assert "Run Name" in page and "Traces 0" not in page and "Detect Issues" not in page
     assert "sweep s" in page and "lenet sgd lr=0.9 ep=2 train_size=1024 test_size=256" in page
+    assert "Sort: test_acc" in page and " test_acc train_acc lr epochs " in page
+    trained = [r for r in runs if "test_acc" in r.data.metrics]
+    shown = sorted(trained, key=lambda r: page.index(f" {r.info.run_name} "))  # top to bottom
+    accuracies = [r.data.metrics["test_acc"] for r in shown]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert page.count("fashion_mnist training (1024) (c59f468a2f672dc8") == len(trained)
+    _screenshot(base + link, tmp_path, "mlflow-runs.png", "1400,620")
+    # The Models tab: each run's LoggedModel, from its run; the registered best one named.
+    models_page = f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
+    models = _browser(models_page, tmp_path / "profile-m", size, "--dump-dom")
+    assert models.count(" model Ready ") == len(trained)
+    assert all(r.info.run_name in models for r in trained) and "lenet-best v1" in models
+    _screenshot(models_page, tmp_path, "mlflow-models.png", "1700,500")
     # Compare the sweep's trials: names, the params that differ, test_acc as the plotted metric.
     ids = urllib.parse.quote(json.dumps([r.info.run_id for r in children]))
     compare = f"{base}/#/compare-runs?runs={ids}&experiments=%5B%22{experiment_id}%22%5D"
@@ -133,9 +151,13 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
     accuracies = [r.data.metrics["test_acc"] for r in children]  # the plot's test_acc axis ends
     assert f"{max(accuracies):.5f}" in page and f"{min(accuracies):.5f}" in page
     assert "optimizer.lr" not in page and "sha256" not in page  # no duplicates, no bookkeeping
-    shot = tmp_path / "compare.png"
-    _browser(compare, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,1100")
+    _screenshot(compare, tmp_path, "mlflow-compare.png", "1400,1100")
+
+
+def _screenshot(url: str, tmp_path: Path, name: str, size: str = "1400,700") -> None:
+    """The page as a PNG; LENET_SWEEP_UPDATE_DOCS=1 keeps it in docs/ (the README's figures)."""
+    shot = tmp_path / name
+    _browser(url, tmp_path / f"profile-{name}", f"--screenshot={shot}", f"--window-size={size}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("LENET_SWEEP_UPDATE_DOCS") == "1":
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copy(shot, SCREENSHOT)
+        shutil.copy(shot, DOCS / name)

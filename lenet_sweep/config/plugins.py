@@ -54,6 +54,9 @@ class LenetOptunaSweeperConf:
     inclusive_range_end: bool = False
     # MLflow: a parent run per study, read from the app's `mlflow` node (tracking_uri, experiment)
     mlflow: bool = False
+    register_model: str | None = knob(
+        None, "null or a name", "the best trial's model into MLflow's Model Registry as this"
+    )
     # "module.fn": fn(config, search_space, group_options) checks a sweep before it starts
     app_checks: str | None = None
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    source: str = ""  # the folder the files were read from
+    sha256: dict[str, str] = field(default_factory=dict)  # images, labels: of the files read
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -125,7 +127,7 @@ def _decompressed(path: Path, expected_sha: str | None) -> tuple[Path, str, byte
     return target, digest, raw
 
 
-def _read(path: Path, name: str, expected_sha: str | None) -> torch.Tensor:
+def _read(path: Path, name: str, expected_sha: str | None) -> tuple[torch.Tensor, str]:
     _, digest, raw = _decompressed(path, expected_sha)
     if expected_sha and digest != expected_sha:
         raise UserError(
@@ -133,7 +135,7 @@ def _read(path: Path, name: str, expected_sha: str | None) -> torch.Tensor:
             "the file is corrupted or not the original: reinstall or re-download it"
         )
     try:
-        return parse_idx(raw, ndim=3 if "images" in name else 1)
+        return parse_idx(raw, ndim=3 if "images" in name else 1), digest
     except ValueError as e:
         raise UserError(
             f"{path}: not a valid idx file ({e}); {_expected(expected_sha)}: "
@@ -174,7 +176,7 @@ def _load_split(data_yaml: str, train: bool, device: str) -> Split:
     data_cfg = OmegaConf.create(data_yaml)
     root = resolve_root(data_cfg)
     prefix = "train" if train else "test"
-    tensors = {}
+    tensors, digests = {}, {}
     for kind in ("images", "labels"):
         name = FILES[f"{prefix}_{kind}"]
         path = _find(root, name)
@@ -184,7 +186,7 @@ def _load_split(data_yaml: str, train: bool, device: str) -> Split:
                 "put the four idx files there or install Debian's dataset-fashion-mnist"
             )
         expected = (data_cfg.sha256 or {}).get(name)
-        tensors[kind] = _read(path, name, expected)
+        tensors[kind], digests[kind] = _read(path, name, expected)
     images, labels = tensors["images"], tensors["labels"]
     expected_n = data_cfg.num_train if train else data_cfg.num_test
     if images.shape != (expected_n, 28, 28) or labels.shape != (expected_n,):
@@ -202,4 +204,5 @@ def _load_split(data_yaml: str, train: bool, device: str) -> Split:
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     images = images.to(device).unsqueeze(1).float().div_(255)
-    return Split(images=images, labels=labels.to(device=device, dtype=torch.long))
+    labels = labels.to(device=device, dtype=torch.long)
+    return Split(images, labels, str(root), digests)

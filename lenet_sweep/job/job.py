@@ -86,7 +86,8 @@ class Job:
         train_split, test_split = load_splits(cfg.data, device)
         net, optimizer = build_model(cfg, device)
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
-        mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume)
+        splits = {"training": train_split, "evaluation": test_split}
+        mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume, splits)
         if resume:
             log.info("resuming %s after epoch %d", resume_path, resume.epoch)
         return cls(
@@ -155,9 +156,9 @@ def build_model(cfg: DictConfig, device: torch.device):
     return build(make_net, instantiate(cfg.optimizer), cfg.seed, device)
 
 
-def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> TrackedRun:
+def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume, splits) -> TrackedRun:
     """The run's MLflow run, RUNNING: the resumed one where it may go on, else a new one, with its
-    params, config and (resumed) the epochs it has."""
+    params, config, data sets and (resumed) the epochs it has."""
     knobs = {k: cfg[k] for k in run_params.KNOBS}
     params = run_params.run_params(config.identity(cfg), knobs, job.choices)
     name, tags = _run_name(cfg, params, job), _tags(device, job, link, cfg)
@@ -174,6 +175,7 @@ def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume) -> T
         if not run_id:
             mlrun.log_params(params)
             mlrun.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            mlrun.log_datasets(cfg.data.name, splits)
         if resume:
             mlrun.log_missing_epochs(resume.history)
     return mlrun

@@ -7,6 +7,7 @@ import contextlib
 
 from lenet_sweep.sweep import protocol
 from lenet_sweep.tracking.figures import log_study_plots
+from lenet_sweep.tracking.model import model_id_of, register
 from lenet_sweep.tracking.runs import Run
 from lenet_sweep.tracking.store import client
 
@@ -35,18 +36,30 @@ class SweepRun(Run):
         run.log_params(params)
         return run
 
-    def record_best(self, study, best: list, results: dict, objectives: list[str]) -> None:
+    def record_best(
+        self,
+        study,
+        best: list,
+        results: dict,
+        objectives: list[str],
+        register_as: str | None = None,
+    ) -> None:
         """The best trial (the Pareto front: several): metrics, tags naming its run and model,
-        the results file and Optuna's plots."""
+        the results file and Optuna's plots; the best model registered as `register_as`."""
         run_ids = [t.user_attrs.get(protocol.MLFLOW_RUN_ID) for t in best]
         if len(objectives) == 1:
             self.log_metrics({"best_value": best[0].value})
+            model_id = model_id_of(self.client, run_ids[0])
             tags = {
                 "best_trial": best[0].number,
                 "best_run_id": run_ids[0],
                 "best_model_uri": f"runs:/{run_ids[0]}/model",
+                "best_model_id": model_id,
                 **{f"best.{k}": v for k, v in best[0].params.items()},
             }
+            if register_as and model_id:
+                registered = register(self.client, self.uri, register_as, run_ids[0], model_id)
+                tags["registered_model"] = registered
         else:
             tags = {
                 "pareto_trials": ",".join(str(t.number) for t in best),

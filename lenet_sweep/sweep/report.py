@@ -101,7 +101,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
     results_ = results(best, sweep.directions, sweep.objectives)
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(yaml.safe_dump(results_))
-    parent.record_best(study, best, results_, sweep.objectives)
+    parent.record_best(study, best, results_, sweep.objectives, sweep.settings.register_model)
     too_many = too_many_failures(study, sweep.settings)
     if too_many:
         parent.end("FAILED")

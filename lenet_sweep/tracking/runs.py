@@ -7,6 +7,7 @@ mask credentials in everything they write, and end with an explicit status.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ class Run:
     """Writes to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = client(uri), run_id
+        self.uri, self.client, self.run_id = uri, client(uri), run_id
         self.ended = False
 
     def end(self, status: str) -> None:
@@ -111,9 +112,29 @@ class TrackedRun(Run):
             if stats["epoch"] not in logged:
                 self.log_epoch(stats)
 
-    def log_model(self, net) -> None:
-        """The trained net under `model/`: mlflow.pytorch.load_model("runs:/<id>/model")."""
-        log_model(self.client, self.run_id, net)
+    def log_datasets(self, name: str, splits: Mapping[str, object]) -> None:
+        """The data as the run's inputs (the runs table's Dataset column), one per context
+        (`training`, `evaluation`: a core.data.Split each): its size, folder and checksums. The
+        digest is the images' SHA-256 cut to the 36 characters MLflow's store keeps."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for context, split in splits.items():
+            sums = {f"{kind}_sha256": digest for kind, digest in split.sha256.items()}
+            dataset = Dataset(
+                name=f"{name} {context} ({len(split)})",
+                digest=split.sha256.get("images", "")[:36] or "unchecked",
+                source_type="local",
+                source=json.dumps({"uri": split.source}),
+                profile=json.dumps({"num_rows": len(split), **sums}),
+            )
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, net, step: int) -> str:
+        """The trained net as the run's LoggedModel `model` (the metrics at `step` linked to it):
+        mlflow.pytorch.load_model("runs:/<id>/model"). Returns its model id."""
+        return log_model(self.client, self.uri, self.run_id, net, step)
 
     def log_record(self, result, net) -> None:
         """What a run leaves besides its epochs: the totals, the training curves and the model
@@ -124,7 +145,7 @@ class TrackedRun(Run):
             "epochs_run": len(result.history),
         }
         self.log_metrics(totals)
-        self.log_model(net)
+        self.log_model(net, step=len(result.history))
         if result.history:
             figure = curves_figure(result.history)
             self.client.log_figure(self.run_id, figure, "training_curves.png")

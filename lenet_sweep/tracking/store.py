@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -23,6 +24,21 @@ TAG_HOST, TAG_PID = "lenet_sweep.host", "lenet_sweep.pid"
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model
 # training; this tag (read by the UI's experiment page) opens it on the runs table.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# The runs table the printed link opens: a view MLflow's UI reads from the experiment tag
+# mlflow.sharedViewState.<key> (its "share view"), sorted by the objective, test_acc, which comes
+# first among the columns with what the default search varies (by default the table shows no
+# metric: every param and metric is behind "Show more columns").
+VIEW_KEY = "lenet_sweep"
+_COLUMNS = ["metrics.`test_acc`", "metrics.`train_acc`", "params.`lr`", "params.`epochs`",
+            "attributes.`Dataset`", "attributes.`Models`"]  # fmt: skip
+VIEW = json.dumps(
+    {
+        "orderByKey": _COLUMNS[0],
+        "orderByAsc": False,
+        "selectedColumns": _COLUMNS,
+        "columnOrder": _COLUMNS,
+    }  # fmt: skip
+)
 
 
 def configure_env() -> None:
@@ -96,8 +112,10 @@ def prepare_experiment(uri: str, name: str) -> str:
                 experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 raise RuntimeError(f"experiment {name!r} could not be created")
-            if experiment.tags.get(KIND_TAG) is None:  # made before we tagged, or by someone else
-                mlflow_client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+            tags = {KIND_TAG: KIND, f"mlflow.sharedViewState.{VIEW_KEY}": VIEW}
+            for key, value in tags.items():  # made before we tagged, or by someone else
+                if experiment.tags.get(key) != value:
+                    mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
         raise _store_error(uri, name, e) from e
     _check_artifacts(experiment.artifact_location)
@@ -152,10 +170,11 @@ def _store_error(uri: str, name: str, error: Exception) -> UserError:
 
 
 def ui_link(uri: str, experiment_id: str) -> str:
-    """How to see an experiment in the MLflow UI, on its runs table: MLflow 3.17's UI picks GenAI
-    or model-training pages by the `workflowType` in the link (then remembers it), not the tag."""
+    """How to see an experiment in the MLflow UI, on its runs table in our VIEW: MLflow 3.17's UI
+    picks GenAI or model-training pages by the `workflowType` in the link, not the tag."""
     serve = f"mlflow ui --backend-store-uri {mask_url(uri)}" if sqlite_path(uri) else mask_url(uri)
-    return f"{serve}, then open /#/experiments/{experiment_id}?workflowType=machine_learning"
+    page = f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"{serve}, then open {page}&workflowType=machine_learning"
 
 
 def pid_alive(pid: int) -> bool:

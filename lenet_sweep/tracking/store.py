@@ -47,6 +47,8 @@ def configure_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    # Not a "View run … at" line per run from a tracking server: the sweep prints its link once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     _quiet()
 
 
@@ -115,7 +117,8 @@ def prepare_experiment(uri: str, name: str) -> str:
             tags = {KIND_TAG: KIND, f"mlflow.sharedViewState.{VIEW_KEY}": VIEW}
             for key, value in tags.items():  # made before we tagged, or by someone else
                 if experiment.tags.get(key) != value:
-                    mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+                    with contextlib.suppress(Exception):  # a worker setting it at the same time
+                        mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken store...
         raise _store_error(uri, name, e) from e
     _check_artifacts(experiment.artifact_location)

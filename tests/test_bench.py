@@ -21,7 +21,7 @@ def test_sweep_phases_splits_a_sweep_log_at_its_marks():
         "[2026-11-26 08:00:12,500] training 64 trials as one group on cuda:0",
         "[2026-11-26 08:00:13,000] t000 lr=0.1 ep=2: epoch 1/2: train loss 2.3",
         "[2026-11-26 08:00:40,000] t001 lr=0.2 ep=20: epoch 20/20: train loss 0.4",
-        "[2026-11-26 08:00:41,000] group of 64 trials: 250000.0 examples/sec on cuda:0",
+        "[2026-11-26 08:00:41,000] group of 64 trials: 250,000 examples/sec on cuda:0",
         "[2026-11-26 08:00:42,000] sweep lenet_sweep: 64 complete; 64 trial(s) run here in 37s",
     ]
     phases = sweep_phases(lines, at("01,000"), at("45,000"))

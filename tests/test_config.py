@@ -1,9 +1,12 @@
 """Bad input, as users type it: one line naming key, value and fix; non-zero exit; nothing left."""
 
+import subprocess
+import sys
 import time
 
 import pytest
 
+from lenet_sweep import PROJECT_ROOT
 from tests.conftest import SMALL, run_cli, runs_of
 
 SINGLE = [
@@ -199,3 +202,32 @@ def test_mask_url():
     )
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert mask_url("http://host:5000") == "http://host:5000"
+
+
+# The launcher plugin hidden as if it were not installed, then the app's own command line.
+WITHOUT_PLUGIN = """
+import sys
+sys.modules[sys.argv[1]] = None
+sys.argv = ["lenet_sweep", "-m", sys.argv[2], "hydra.sweeper.n_trials=1"]
+from lenet_sweep.cli import cli
+cli()
+"""
+
+
+@pytest.mark.parametrize(
+    "plugin, launcher, package, extra",
+    [
+        ("hydra_submitit_launcher", "submitit_local", "hydra-submitit-launcher", "slurm"),
+        ("hydra_submitit_launcher", "slurm", "hydra-submitit-launcher", "slurm"),
+        ("hydra_ray_launcher", "ray_cluster", "hydra-ray-launcher", "ray"),
+    ],
+)
+def test_a_launcher_whose_plugin_is_missing_names_the_extra(plugin, launcher, package, extra):
+    module, choice = f"hydra_plugins.{plugin}", f"hydra/launcher={launcher}"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PLUGIN, module, choice],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"error: {choice} needs {package}, which is not installed: pip install "
+        f"'lenet_sweep[{extra}]' (in a checkout: pip install -e '.[{extra}]')\n"
+    )

@@ -45,6 +45,14 @@ def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path):
         assert line.startswith("error: hydra.sweeper.study_name=") and "plain name" in line
     assert not sweep_root.exists() and not (tmp_path / "escaped").exists()
     assert not (tmp_path / "optuna.db").exists()  # refused before any study
+    # The name a sweep's best model is registered under goes into models:/ URIs: the same rule.
+    proc = run_cli("-m", *SMALL, "hydra.sweeper.register_model=a/b",
+                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db")  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: hydra.sweeper.register_model=a/b: must be a plain name (letters, digits, '.', "
+        "'_', '-'; at most 128 characters), e.g. hydra.sweeper.register_model=lenet-best\n"
+    )
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_a_fused_group_size_below_one_is_refused_before_anything_runs(tmp_path):

@@ -226,7 +226,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
         assert (sweep.dir / str(number) / ".hydra" / "config.yaml").is_file()
     # The log: each trial's start and end once; the group's rate once, no trial's own.
     out = proc.stdout
-    assert re.search(r"\] group of 8 trials: [\d.]+ examples/sec on cpu\n", out), out
+    assert re.search(r"\] group of 8 trials: [\d,]+ examples/sec on cpu\n", out), out
     assert out.count("examples/sec") == 1 and out.count("mlflow ui ") == 1
     for t in trials:
         assert out.count(f"] trial {t.number} started: lr=") == 1

@@ -45,10 +45,10 @@ class LenetOptunaSweeperConf:
     )
     pruner: Any = None  # hydra/sweeper/pruner/*
     heartbeat_interval: int = knob(
-        10, "an integer >= 1 (seconds)", "a worker's sign of life", minimum=1
+        10, "an integer >= 1", "seconds between a worker's signs of life", minimum=1
     )
     grace_period: int = knob(
-        30, "an integer >= 1 (seconds)", "a silent worker's trials fail after it", minimum=1
+        30, "an integer >= 1", "seconds after which a silent worker's trials fail", minimum=1
     )
     # range(a, b) ends: false = Hydra's grammar (b excluded); true = the official plugin's (b in)
     inclusive_range_end: bool = False

@@ -106,7 +106,12 @@ class FusedLaunch:
         results = [m.state.result for m in members if m.state and m.state.result.train_time_s]
         if results:
             rate = sum(r.examples_seen for r in results) / max(r.train_time_s for r in results)
-            log.info("group of %d trials: %.1f examples/sec on %s", len(group), rate, first.device)
+            log.info(
+                "group of %d trials: %s examples/sec on %s",
+                len(group),
+                f"{rate:,.0f}",
+                first.device,
+            )
 
 
 def _members(group: list[tuple[int, Job]]) -> list:

@@ -30,12 +30,12 @@ log = logging.getLogger("lenet_sweep.sweep")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def check_study_name(name: str) -> None:
+def check_plain_name(key: str, name: str, example: str) -> None:
     if not PLAIN_NAME.fullmatch(name):
         shown = name if len(name) <= 60 else f"{name[:60]}..."
         raise UserError(
-            f"hydra.sweeper.study_name={shown}: must be a plain name (letters, digits, '.', '_',"
-            " '-'; at most 128 characters), e.g. hydra.sweeper.study_name=fmnist-a"
+            f"{key}={shown}: must be a plain name (letters, digits, '.', '_', '-'; at most 128 "
+            f"characters), e.g. {key}={example}"
         )
 
 
@@ -70,7 +70,10 @@ class SweepSetup:
         """Everything a trial would fail on, refused before any study, run or folder exists;
         returns the search space and the fixed values."""
         check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
-        check_study_name(str(self.settings.study_name))
+        check_plain_name("hydra.sweeper.study_name", str(self.settings.study_name), "fmnist-a")
+        if self.settings.register_model is not None:  # a registered model's name, in URIs too
+            name = str(self.settings.register_model)
+            check_plain_name("hydra.sweeper.register_model", name, "lenet-best")
         self.check_objectives()
         space, fixed = self.search_space(arguments)
         if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say

@@ -107,9 +107,8 @@ def _requirements_unchecked():
 
     Workaround: the check maps every installed distribution's files to modules (seconds on a
     large environment) to compare versions; the requirement we write is the running torch's own,
-    met by construction. MLflow 3's log_model runs it too (0.53 s against 0.09 s for the first
-    model of a process, measured with LeNet on this project's CPU). It can go when save_model
-    and log_model take a switch for the check. Called under _LOCK.
+    met by construction. MLflow 3's log_model runs it too (its cost: docs/performance.md). It can
+    go when log_model takes a switch for the check. Called under _LOCK.
     """
     from mlflow.utils import environment
 

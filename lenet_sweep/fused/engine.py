@@ -53,6 +53,19 @@ class Member:
         return self.state.result
 
 
+@dataclass
+class Occupancy:
+    """How busy a group's slots were: epochs trained by members still live, of all the slots the
+    group's epochs stacked (a member that left rides along until the group compacts)."""
+
+    live_epochs: int = 0
+    slot_epochs: int = 0
+
+    @property
+    def share(self) -> float:
+        return self.live_epochs / self.slot_epochs if self.slot_epochs else 1.0
+
+
 def check_fusable(net: nn.Module) -> None:
     if list(net.buffers()):
         raise UserError(
@@ -133,15 +146,16 @@ def train_group(
     progress: bool = False,
     autocast: torch.dtype | None = None,
     on_leave: Callable[[Member], None] | None = None,
-) -> list[Member]:
+) -> Occupancy:
     """Train every member to its epochs (or until its hooks stop it); see the module docstring.
     Each member's `state.result` holds its history; `error` what stopped it, if anything.
     `on_leave(member)` runs as each member leaves during training, after its hooks (on CUDA
-    while the others train): the place for the slow part of recording a finished trial."""
+    while the others train): the place for the slow part of recording a finished trial.
+    Returns how busy the group's slots were."""
     device = train.labels.device
-    riding = _start(members, device)
+    riding, occupancy = _start(members, device), Occupancy()
     if not riding:
-        return members
+        return occupancy
     group = _Group.stack(riding, len(train), device)
     new_epoch = functools.partial(
         Epoch,
@@ -156,7 +170,9 @@ def train_group(
     hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     epoch_fn.launch()
     while epoch_fn is not None:
+        occupancy.slot_epochs += len(group.members)
         ended = _end_epoch(group, *epoch_fn.collect(), len(train), len(test))
+        occupancy.live_epochs += len(ended)
         bar.update()
         if hooks_stream is not None:  # the hooks' reads of the copies wait for the copies only
             hooks_stream.wait_stream(torch.cuda.current_stream(device))
@@ -170,7 +186,7 @@ def train_group(
             torch.cuda.current_stream(device).wait_stream(hooks_stream)
         signals.check()  # Ctrl-C / SIGTERM: stop at the epoch boundary
     bar.close()
-    return members
+    return occupancy
 
 
 def _next_epoch(group: _Group, epoch_fn: Epoch, new_epoch) -> tuple[_Group, Epoch | None]:

@@ -76,7 +76,8 @@ class FusedLaunch:
         from lenet_sweep.fused.engine import train_group
 
         first = group[0][1]
-        members = _members(group)
+        group_id = uuid.uuid4().hex[:8]
+        members = _members(group, group_id)
         job_of = {id(m): job for m, (_, job) in zip(members, group, strict=True)}
 
         def record(member) -> None:  # as it leaves the group: on CUDA while the others train
@@ -90,7 +91,7 @@ class FusedLaunch:
         log.info("training %d trials as one group on %s", len(group), first.device)
         nets = [m.net for m in members]
         with signals.stop_on_signals(), speed.training(nets, first.device):
-            train_group(
+            occupancy = train_group(
                 members,
                 first.train_split,
                 first.test_split,
@@ -100,25 +101,26 @@ class FusedLaunch:
                 autocast=config.autocast_dtype(first.cfg.precision),
                 on_leave=record,
             )
+        together = (group_id, occupancy.live_epochs, occupancy.slot_epochs)
         for (i, job), member in zip(group, members, strict=True):
             returns[i] = _finished(returns[i], job, member)
-            setattr(returns[i], protocol.TRAINED_TOGETHER, True)  # the rate below is the group's
+            setattr(returns[i], protocol.TRAINED_TOGETHER, together)  # the rate is the group's
         results = [m.state.result for m in members if m.state and m.state.result.train_time_s]
         if results:
             rate = sum(r.examples_seen for r in results) / max(r.train_time_s for r in results)
             log.info(
-                "group of %d trials: %s examples/sec on %s",
+                "group of %d trials: %s examples/sec on %s, slots %.0f %% busy",
                 len(group),
                 f"{rate:,.0f}",
                 first.device,
+                100 * occupancy.share,
             )
 
 
-def _members(group: list[tuple[int, Job]]) -> list:
+def _members(group: list[tuple[int, Job]], group_id: str) -> list:
     """Each job as a member of its group, its run tagged with the group's id."""
     from lenet_sweep.fused.engine import Member
 
-    group_id = uuid.uuid4().hex[:8]
     members = []
     for k, (i, job) in enumerate(group):
         job.mlrun.set_tags({TAG_GROUP: f"{group_id} ({k + 1} of {len(group)})"})

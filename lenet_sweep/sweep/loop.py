@@ -93,6 +93,7 @@ class OptunaSweep:
         self.directions, self.objectives = self.setup.directions, self.setup.objectives
         self.sweep_dir = self.setup.sweep_dir
         self.mlflow_uri = None
+        self.groups: dict[str, tuple[int, int]] = {}  # fused: id -> (live epochs, slot epochs)
         if settings.mlflow:  # the app's `mlflow` node says where (lenet_sweep's config has one)
             self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
@@ -197,6 +198,9 @@ class OptunaSweep:
                                 "see the launcher's job logs"
                             ) from e
                         continue
+                    for ret in returns:  # fused groups: how busy their slots were
+                        if group := getattr(ret, protocol.TRAINED_TOGETHER, None):
+                            self.groups[group[0]] = group[1:]
                     outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
                     states += self._record(study, storage, in_flight, outcomes)
                     heartbeat.watch([])

@@ -78,6 +78,9 @@ class NoSweepRun:
     def set_tags(self, tags) -> None:
         pass
 
+    def log_metrics(self, metrics) -> None:
+        pass
+
     def end(self, status: str) -> None:
         pass
 

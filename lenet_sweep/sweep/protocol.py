@@ -121,8 +121,8 @@ class Outcome:
     rate: float | None = None  # the job's examples/sec, unless it trained with others
 
 
-# On a JobReturn: the job trained together with others (a fused group), whose rate the launcher
-# logs once, for the group.
+# On a JobReturn: the job trained together with others (a fused group): (the group's id, its
+# epochs trained by live members, its slot epochs). The launcher logs the group's rate once.
 TRAINED_TOGETHER = "trained_together"
 
 
@@ -152,7 +152,7 @@ def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
     if len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
         return _failed(ValueError(f"job returned {_shown(values)} for {objectives}"))
     rate = returned.get("examples_per_sec") if isinstance(returned, Mapping) else None
-    alone = not getattr(ret, TRAINED_TOGETHER, False)
+    alone = getattr(ret, TRAINED_TOGETHER, None) is None
     return Outcome(TrialState.COMPLETE, values=values, rate=rate if alone else None)
 
 

@@ -63,6 +63,20 @@ def log_overhead(trials, elapsed: float) -> None:
     )
 
 
+def log_occupancy(groups: dict[str, tuple[int, int]], parent) -> None:
+    """Fused groups: the share of their slot-epochs that trained a live trial (the rest rode
+    along, left), on the parent run as `slot_occupancy`."""
+    live, slots = sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
+    if slots:
+        parent.log_metrics({"slot_occupancy": live / slots})
+        log.info(
+            "fused slots: %d of %d slot-epochs trained a live trial (%.0f %%)",
+            live,
+            slots,
+            100 * live / slots,
+        )
+
+
 def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> None:
     """One line per completed trial of a batch, with the best after it (the Pareto front:
     several); the study read once per batch, not once per trial (64 a fused batch)."""
@@ -109,6 +123,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
         parent.end("FINISHED")
     log.info("sweep %s: %s; %s", study.study_name, summary, ran)
     log_overhead(trials, elapsed)
+    log_occupancy(sweep.groups, parent)
     kind = "best" if len(sweep.objectives) == 1 else "Pareto-optimal"
     for trial in best:
         shown = " ".join(f"{k}={v}" for k, v in trial.params.items())

@@ -55,8 +55,8 @@ class Member:
 
 @dataclass
 class Occupancy:
-    """How busy a group's slots were: epochs trained by members still live, of all the slots the
-    group's epochs stacked (a member that left rides along until the group compacts)."""
+    """How busy a group's slots were: epochs trained by live members, of its K slots times its
+    epochs (a slot whose member left is idle: it rides along, or the group compacted)."""
 
     live_epochs: int = 0
     slot_epochs: int = 0
@@ -170,7 +170,7 @@ def train_group(
     hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     epoch_fn.launch()
     while epoch_fn is not None:
-        occupancy.slot_epochs += len(group.members)
+        occupancy.slot_epochs += len(riding)
         ended = _end_epoch(group, *epoch_fn.collect(), len(train), len(test))
         occupancy.live_epochs += len(ended)
         bar.update()

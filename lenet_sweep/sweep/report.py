@@ -64,8 +64,8 @@ def log_overhead(trials, elapsed: float) -> None:
 
 
 def log_occupancy(groups: dict[str, tuple[int, int]], parent) -> None:
-    """Fused groups: the share of their slot-epochs that trained a live trial (the rest rode
-    along, left), on the parent run as `slot_occupancy`."""
+    """Fused groups: the share of their slot-epochs that trained a live trial (a slot whose trial
+    left is idle until its batch ends), on the parent run as `slot_occupancy`."""
     live, slots = sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
     if slots:
         parent.log_metrics({"slot_occupancy": live / slots})

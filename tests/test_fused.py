@@ -163,9 +163,8 @@ def test_a_stop_request_launches_no_further_epoch(trial, tmp_path, monkeypatch, 
 def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):
     make, splits = trial
     _, net, optimizer = make(0.9, 5)
-    [whole] = train_group(
-        [Member(net, optimizer, epochs=3, seed=5)], *splits, batch_size=256, graph=False
-    )
+    whole = Member(net, optimizer, epochs=3, seed=5)
+    train_group([whole], *splits, batch_size=256, graph=False)
 
     def stop_after_one(state):
         if state.epoch == 1:
@@ -178,9 +177,8 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
         train_group([Member(net, optimizer, 3, 5, hooks)], *splits, batch_size=256, graph=False)
     checkpoint = Checkpoint(**torch.load(path, weights_only=True))
     _, net, optimizer = make(0.9, 5)
-    [resumed] = train_group(
-        [Member(net, optimizer, 3, 5, resume=checkpoint)], *splits, batch_size=256, graph=False
-    )
+    resumed = Member(net, optimizer, 3, 5, resume=checkpoint)
+    train_group([resumed], *splits, batch_size=256, graph=False)
     assert resumed.result.history == whole.result.history
 
 

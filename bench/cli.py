@@ -6,7 +6,8 @@ Rows: (a) the seed's path as d2l writes it (torchvision FashionMNIST + ToTensor 
 (d) K trials fused (lenet_sweep.fused), (e) whole processes: `python -m lenet_sweep` for the
 trial itself, a tiny run (start-up) and `--help`, and, on CPU, the seed's path as a process,
 (f) the K-trial default sweep with `hydra/launcher=fused` (CUDA by default), its wall time split
-into phases read off its log, (g) with --speedups, what each process-level speed setting buys.
+into phases read off its log, its trials per minute and how busy its slots were, (g) with
+--speedups, what each process-level speed setting buys.
 Targets are ratios against row (a) of the same run, or wall times; docs/performance.md holds the
 current tables.
 """

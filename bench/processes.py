@@ -113,6 +113,7 @@ def _e_row(name: str, wall: float, rc: int, note: str) -> dict:
 
 # --- (f) a fused sweep ---------------------------------------------------------------------------
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+OCCUPANCY = re.compile(r"fused slots: \d+ of \d+ slot-epochs trained a live trial \((\d+) %\)")
 PHASES = [
     ("start-up", r"trial \d+ started"),
     ("preparing the jobs", r"trials as one group"),
@@ -179,6 +180,10 @@ def sweep(
             except subprocess.TimeoutExpired:
                 rc = f"killed after {SWEEP_TIMEOUT_S} s"
         end = time.time()
-    phases = sweep_phases(log.read_text().splitlines(), start, end)
+    lines = log.read_text().splitlines()
+    phases = sweep_phases(lines, start, end)
     note = "; ".join(f"{p} {s:.1f}" for p, s in phases) + ("" if rc == 0 else f"; exit {rc}")
+    busy = [m[1] for line in lines if (m := OCCUPANCY.search(line))]
+    trials_per_min = 60 * k / (end - start)
+    note += f"; {trials_per_min:.1f} trials/min" + (f", slots {busy[-1]} % busy" if busy else "")
     return {"row": name, "wall_s": end - start, "note": note}

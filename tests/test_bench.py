@@ -3,6 +3,7 @@ table written as the rows come."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import pytest
@@ -43,7 +44,9 @@ def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
     tiny = ("data.train_size=64", "data.test_size=64", "batch_size=32", "epochs=range(1,3)")
     row = sweep(3, "cpu", tmp_path, overrides=tiny)
     assert row["row"] == "(f) 3-trial fused sweep"
-    phases = [part.rsplit(" ", 1) for part in row["note"].split("; ")]
+    *parts, rates = row["note"].split("; ")
+    assert re.fullmatch(r"[\d.]+ trials/min, slots \d+ % busy", rates), rates
+    phases = [part.rsplit(" ", 1) for part in parts]
     assert [name for name, _ in phases] == [
         "start-up",
         "preparing the jobs",

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 from hydra.errors import CompactHydraException
 
@@ -46,15 +47,22 @@ _AWAY = re.compile(
 _FULL = re.compile(r"no space left on device|database or disk is full|disk quota", re.IGNORECASE)
 
 
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what caused it (its __cause__, else its __context__), once each: a chain
+    may loop back (an error re-raised from itself)."""
+    walked: set[int] = set()
+    while error is not None and id(error) not in walked:
+        walked.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def outage(error: BaseException, where: object = None) -> Outage | None:
     """The outage behind `error` (its causes walked), as one line that says what to do; None for
     any other error, and for a UserError, whose message already says it. `where`: the file of
     the store that raised it, for the full-disk line."""
     rerun = "then rerun the same command: nothing is lost, a sweep's study goes on"
-    seen: BaseException | None = error
-    walked: set[int] = set()  # a cause chain may loop back
-    while seen is not None and id(seen) not in walked:
-        walked.add(id(seen))
+    for seen in causes(error):
         if isinstance(seen, UserError):
             return seen if isinstance(seen, Outage) else None
         if isinstance(seen, BrokenPipeError):  # our stdout's reader left (`| head`): no store
@@ -71,7 +79,6 @@ def outage(error: BaseException, where: object = None) -> Outage | None:
             or ("API request to" in str(seen) and _AWAY.search(str(seen)))
         ):
             return Outage(f"a store is unreachable ({describe(seen)}); start it, {rerun}")
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lenet_sweep.errors import UserError
+from lenet_sweep.errors import UserError, causes
 
 SQLITE = "sqlite:///"
 
@@ -26,10 +26,7 @@ def sqlite_path(url: str | None) -> Path | None:
 
 def store_file(error: BaseException, mlflow_uri: str | None, storage: str | None = None):
     """The sqlite file of the store that raised `error` (MLflow's or the study's), if one did."""
-    chain, seen = set(), error
-    while seen is not None:
-        chain.add(type(seen).__name__)
-        seen = seen.__cause__ or seen.__context__
+    chain = {type(seen).__name__ for seen in causes(error)}
     if "MlflowException" in chain:
         return sqlite_path(mlflow_uri)
     return sqlite_path(storage) if "OperationalError" in chain else None
@@ -72,8 +69,8 @@ def check_sqlite(url: str, what: str, key: str, own_dir: Path) -> None:
 
 
 def check_intact(url: str, what: str) -> None:
-    """A damaged sqlite file is refused before anything writes into it (sqlite's quick_check;
-    ~10 ms for a study of a few hundred trials)."""
+    """A damaged sqlite file is refused before anything writes into it (sqlite's quick_check,
+    read-only)."""
     import sqlite3
 
     path = sqlite_path(url)

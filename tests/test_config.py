@@ -231,3 +231,20 @@ def test_a_launcher_whose_plugin_is_missing_names_the_extra(plugin, launcher, pa
         f"error: {choice} needs {package}, which is not installed: pip install "
         f"'lenet_sweep[{extra}]' (in a checkout: pip install -e '.[{extra}]')\n"
     )
+
+
+def test_cause_chains_that_loop_back_are_walked_once():
+    # An error re-raised "from" itself: every walker of its causes ends (the CLI once hung here).
+    from lenet_sweep.config import RunConfig, knob_error, knobs
+    from lenet_sweep.errors import Outage, causes, outage
+    from lenet_sweep.stores import store_file
+
+    down = Outage("the store is away")
+    down.__cause__ = down
+    inner = ConnectionError("refused")
+    loop = RuntimeError("wrapped")
+    loop.__cause__, inner.__context__ = inner, loop
+    assert list(causes(down)) == [down] and list(causes(loop)) == [loop, inner]
+    assert outage(down) is down and outage(loop).exit_code == 5
+    assert knob_error(loop, knobs(RunConfig)) is None
+    assert store_file(loop, "sqlite:////tmp/m.db", "sqlite:////tmp/o.db") is None

@@ -191,7 +191,7 @@ def test_unwritable_artifacts_are_refused_before_training(tmp_path):
         )
     assert proc.returncode == 2
     assert _one_line(proc) == (
-        f"error: MLflow artifacts go to {artifacts}, which cannot be written (Operation not "
+        f"error: MLflow artifacts go to {artifacts}: cannot write in {artifacts} (Operation not "
         "permitted); make it writable, or set mlflow.tracking_uri to a store in a writable folder"
     )
     assert "training on" not in proc.stdout and not (tmp_path / "r").exists()

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf.errors import ValidationError
 
-from lenet_sweep.errors import UserError
+from lenet_sweep.errors import UserError, causes
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,6 @@ def check_knobs(node, schema, prefix: str = "") -> None:
 
 def knob_error(error: BaseException | None, rules: dict[str, Knob]) -> UserError | None:
     """A type error from composition (`lr=abc`) as that knob's own message, else None."""
-    walked: set[int] = set()  # a cause chain may loop back
-    while error is not None and not isinstance(error, ValidationError) and id(error) not in walked:
-        walked.add(id(error))
-        error = error.__cause__ or error.__context__
-    error = error if isinstance(error, ValidationError) else None
+    error = next((e for e in causes(error) if isinstance(e, ValidationError)), None)
     rule = rules.get(str(error.full_key)) if error is not None else None
     return rule.error(str(error.full_key), error.value) if rule else None

@@ -9,14 +9,13 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
 from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
-from lenet_sweep.stores import SQLITE, check_sqlite, sqlite_lock, sqlite_path
+from lenet_sweep.stores import SQLITE, check_sqlite, check_writable_dir, sqlite_lock, sqlite_path
 
 HOST = socket.gethostname()
 # Tags on every run we create, so a later start can tell a dead process's RUNNING run.
@@ -37,7 +36,7 @@ VIEW = json.dumps(
         "orderByAsc": False,
         "selectedColumns": _COLUMNS,
         "columnOrder": _COLUMNS,
-    }  # fmt: skip
+    }
 )
 
 
@@ -134,18 +133,11 @@ def prepare_experiment(uri: str, name: str) -> str:
 
 def _check_artifacts(location: str) -> None:
     """The model and figures go to the experiment's artifact folder when training ends: a folder
-    that cannot be written is told now, before any training (a write, as chattr +i beats root)."""
-    if not location.startswith("file:"):
-        return  # a server's artifact store, which its own requests check
-    folder = Path(url2pathname(urlparse(location).path))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise outage(e, folder) or UserError(
-            f"MLflow artifacts go to {folder}, which cannot be written ({e.strerror}); make it "
-            "writable, or set mlflow.tracking_uri to a store in a writable folder"
-        ) from e
+    that cannot be written is told now, before any training."""
+    if location.startswith("file:"):  # a server's artifact store: its own requests check it
+        folder = Path(url2pathname(urlparse(location).path))
+        fix = "make it writable, or set mlflow.tracking_uri to a store in a writable folder"
+        check_writable_dir(folder, f"MLflow artifacts go to {folder}", fix)
 
 
 def _store_error(uri: str, name: str, error: Exception) -> UserError:

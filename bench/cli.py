@@ -7,7 +7,8 @@ Rows: (a) the seed's path as d2l writes it (torchvision FashionMNIST + ToTensor 
 trial itself, a tiny run (start-up) and `--help`, and, on CPU, the seed's path as a process,
 (f) the K-trial default sweep with `hydra/launcher=fused` (CUDA by default), its wall time split
 into phases read off its log, its trials per minute and how busy its slots were, (g) with
---speedups, what each process-level speed setting buys.
+--speedups, what each process-level speed setting buys, (h) the default sweep of N > K trials
+in K fused slots, Hydra's batches against refill: wall time, trials per minute, slots busy.
 Targets are ratios against row (a) of the same run, or wall times; docs/performance.md holds the
 current tables.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.processes import processes, sweep
+from bench.processes import processes, refill_rows, sweep
 from bench.speedups import speedup_rows
 from bench.trainers import BATCH, LR, fused, seed_path, solo
 from lenet_sweep import OUTPUTS_DIR
@@ -106,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the (f) sweeps of sizes in --bf16 also in bf16",
     )
     parser.add_argument(
+        "--refill",
+        default="64:256" if default_device == "cuda" else "4:16",
+        help="(h) rows: K:N, N trials of the default search in K slots, batches and refill "
+        "(comma-separated; empty: none)",
+    )
+    parser.add_argument(
         "--speedups",
         action="store_true",
         help="(g) rows: each of lenet_sweep.speed's settings on against off (--repeats pairs)",
@@ -157,6 +164,9 @@ def _plan(args, device) -> list:
     for k in filter(None, args.sweep.split(",")):
         for precision in ["fp32", "bf16"] if k in bf16 else ["fp32"]:
             add(f"(f) {k}-trial fused sweep", sweep, int(k), args.device, args.out, precision)
+    for pair in filter(None, args.refill.split(",")):
+        k, n = (int(x) for x in pair.split(":"))
+        add(f"(h) {n} trials in {k} slots", refill_rows, k, n, args.device, args.out)
     return plan
 
 

@@ -113,7 +113,7 @@ def _e_row(name: str, wall: float, rc: int, note: str) -> dict:
 
 # --- (f) a fused sweep ---------------------------------------------------------------------------
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
-OCCUPANCY = re.compile(r"fused slots: \d+ of \d+ slot-epochs trained a live trial \((\d+) %\)")
+OCCUPANCY = re.compile(r"fused slots: \d+ of \d+ slot-epochs trained a live trial \((\d+) %")
 PHASES = [
     ("start-up", r"trial \d+ started"),
     ("preparing the jobs", r"trials as one group"),
@@ -143,12 +143,20 @@ def sweep_phases(lines: list[str], start: float, end: float) -> list[tuple[str, 
 
 
 def sweep(
-    k: int, device: str, out: Path, precision: str = "fp32", overrides: tuple[str, ...] = ()
+    k: int,
+    device: str,
+    out: Path,
+    precision: str = "fp32",
+    overrides: tuple[str, ...] = (),
+    n: int | None = None,
+    name: str | None = None,
 ) -> dict:
-    """The K-trial default sweep, fused, as a process on new stores made beforehand (as for
-    the other processes), `overrides` after the bench's own; its log kept in `out`."""
-    name = f"(f) {k}-trial fused sweep" + (f", {precision}" if precision != "fp32" else "")
-    log = out / f"sweep{k}-{precision}.log"
+    """The default sweep of n trials (K by default) in K fused slots, as a process on new
+    stores made beforehand (as for the other processes), `overrides` after the bench's own;
+    its log kept in `out`."""
+    n = n or k
+    name = name or f"(f) {k}-trial fused sweep" + (f", {precision}" if precision != "fp32" else "")
+    log = out / f"{re.sub(r'[^0-9a-z]+', '-', name).strip('-')}.log"  # (f) 64-trial... f-64-trial...
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -157,7 +165,7 @@ def sweep(
             "-m",
             "hydra/launcher=fused",
             f"hydra.sweeper.n_jobs={k}",
-            f"hydra.sweeper.n_trials={k}",
+            f"hydra.sweeper.n_trials={n}",
             "progress=false",
             f"precision={precision}",
             f"device={device}",
@@ -184,6 +192,24 @@ def sweep(
     phases = sweep_phases(lines, start, end)
     note = "; ".join(f"{p} {s:.1f}" for p, s in phases) + ("" if rc == 0 else f"; exit {rc}")
     busy = [m[1] for line in lines if (m := OCCUPANCY.search(line))]
-    trials_per_min = 60 * k / (end - start)
+    trials_per_min = 60 * n / (end - start)
     note += f"; {trials_per_min:.1f} trials/min" + (f", slots {busy[-1]} % busy" if busy else "")
-    return {"row": name, "wall_s": end - start, "note": note}
+    return {"row": name, "wall_s": end - start, "note": note, "trials_per_min": trials_per_min}
+
+
+# On the CPU the (h) sweeps train on a slice of the data: minutes, not hours.
+CPU_REFILL_DATA = ("data.train_size=2048", "data.test_size=512")
+
+
+def refill_rows(k: int, n: int, device: str, out: Path) -> list[dict]:
+    """(h) the default sweep of n > K trials in K slots: Hydra's batches (the next K once all
+    have ended) against refill (a freed slot takes the next trial at the next boundary)."""
+    data = CPU_REFILL_DATA if device == "cpu" else ()
+    head = f"(h) {n} trials in {k} slots" + (", 2,048 examples" if data else "")
+    rows = []
+    for how, setting in (("batches", "true"), ("refill", "false")):
+        overrides = (f"hydra.sweeper.batches={setting}", *data)
+        rows.append(sweep(k, device, out, overrides=overrides, n=n, name=f"{head}, {how}"))
+    batches, refill = (r["trials_per_min"] for r in rows)
+    rows[1]["note"] += f"; {refill / batches:.2f}x the batches' trials/min"
+    return rows

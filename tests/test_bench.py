@@ -55,7 +55,7 @@ def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
         "closing",
     ]
     assert abs(sum(float(s) for _, s in phases) - row["wall_s"]) < 0.3  # they fill it
-    log = (tmp_path / "sweep3-fp32.log").read_text()
+    log = (tmp_path / "f-3-trial-fused-sweep.log").read_text()
     assert "training 3 trials as one group on cpu" in log and "3 complete" in log
 
 
@@ -90,7 +90,15 @@ def test_the_bf16_sweep_rows_can_be_left_out(monkeypatch):
     for extra, sweeps in [([], ["fp32", "bf16"]), (["--no-sweep-bf16"], ["fp32"])]:
         made.clear()
         args = bench.parse_args(
-            ["--device=cpu", "--fused=", "--bf16=2", "--sweep=2", "--no-processes", *extra]
+            [
+                "--device=cpu",
+                "--fused=",
+                "--bf16=2",
+                "--sweep=2",
+                "--refill=",
+                "--no-processes",
+                *extra,
+            ]
         )
         for step in bench._plan(args, torch.device("cpu")):
             step()
@@ -143,3 +151,36 @@ def test_a_speed_setting_is_timed_on_against_off_in_pairs():
     row = _row("fast_exit", ["-c", check], 2)
     assert row["note"].startswith("median of 2") and "paired median" in row["note"], row
     assert _row("startup_gc", ["-c", check], 1)["note"] == "exit 5"  # it ran with the wrong set
+
+
+def test_the_refill_rows_run_batches_then_refill_and_compare_them(monkeypatch, tmp_path):
+    from bench import processes
+
+    made = []
+
+    def fake_sweep(k, device, out, overrides=(), n=None, name=None):
+        made.append((k, n, overrides, name))
+        return {
+            "row": name,
+            "note": "x",
+            "trials_per_min": 10.0 if "batches=true" in overrides[0] else 16.0,
+        }
+
+    monkeypatch.setattr(processes, "sweep", fake_sweep)
+    rows = processes.refill_rows(4, 16, "cpu", tmp_path)
+    data = ("data.train_size=2048", "data.test_size=512")
+    assert made == [
+        (
+            4,
+            16,
+            ("hydra.sweeper.batches=true", *data),
+            "(h) 16 trials in 4 slots, 2,048 examples, batches",
+        ),
+        (
+            4,
+            16,
+            ("hydra.sweeper.batches=false", *data),
+            "(h) 16 trials in 4 slots, 2,048 examples, refill",
+        ),
+    ]
+    assert rows[1]["note"] == "x; 1.60x the batches' trials/min" and rows[0]["note"] == "x"

@@ -23,6 +23,7 @@ from lenet_sweep.core.train import train
 from lenet_sweep.fused import engine, epoch
 from lenet_sweep.fused.engine import Member, train_group
 from lenet_sweep.fused.epoch import Epoch
+from lenet_sweep.fused.group import Group
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import PRUNED_AND_COMPLETE, model_of
@@ -224,10 +225,12 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
         assert (sweep.dir / str(number) / ".hydra" / "config.yaml").is_file()
     # The log: each trial's start and end once; the group's rate once, no trial's own.
     out = proc.stdout
-    assert re.search(r"\] group of 8 trials: [\d,]+ examples/sec on cpu, slots 69 % busy\n", out)
+    assert re.search(
+        r"\] group of 8 trials in 8 slots: [\d,]+ examples/sec on cpu, slots 69 % busy\n", out
+    )
     # Epoch 1: 8 live in 8 slots. Epoch 2: the 2-epoch trials but lr=500, which diverged in
     # epoch 1: 3 live in 8 slots (the group compacted to 4). 11 of 16.
-    assert "] fused slots: 11 of 16 slot-epochs trained a live trial (69 %)\n" in out
+    assert "] fused slots: 11 of 16 slot-epochs trained a live trial (69 %" in out
     assert parents[0].data.metrics["slot_occupancy"] == pytest.approx(11 / 16)
     assert out.count("examples/sec") == 1 and out.count("mlflow ui ") == 1
     for t in trials:
@@ -383,7 +386,7 @@ def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
         members = [
             Member(*make(lr, seed)[1:], epochs=1, seed=seed) for lr, seed in [(0.9, 1), (0.1, 2)]
         ]
-        group = engine._Group.stack(engine._start(members, CPU), n, CPU)
+        group = Group.stack(engine._start(members, CPU), n, CPU)
         group.perm.copy_(
             torch.stack(
                 [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]

@@ -10,7 +10,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
-from lenet_sweep.sweep.loop import record
+from lenet_sweep.sweep.feed import record
 from lenet_sweep.sweep.trial_link import TrialLink
 
 

@@ -32,7 +32,14 @@ class LenetOptunaSweeperConf:
     n_trials: int = knob(
         20, "an integer >= 1", "the study's total; a rerun runs what is left", minimum=1
     )
-    n_jobs: int = knob(1, "an integer >= 1", "trials handed to the launcher at once", minimum=1)
+    n_jobs: int = knob(
+        1, "an integer >= 1", "trials in flight at once (fused: the group's slots)", minimum=1
+    )
+    batches: bool = knob(
+        False,
+        "true or false",
+        "true: the next n_jobs trials once all have ended; false: fused refills each freed slot",
+    )
     max_failure_rate: float = knob(
         0.5, "a number in [0, 1]", "stop once failed trials pass it", minimum=0, maximum=1
     )
@@ -64,7 +71,7 @@ class LenetOptunaSweeperConf:
 # hydra/launcher=<name>: what it does, and the package (and this project's extra) it needs.
 LAUNCHERS = {
     "basic": ("one trial after another, in the sweep's process", None),
-    "fused": ("each batch of n_jobs trials trained as one model on one device", None),
+    "fused": ("n_jobs trials trained as one model on one device, freed slots refilled", None),
     "joblib": ("trials in parallel local processes", ("hydra-joblib-launcher", "joblib")),
     "submitit_local": ("trials as local submitit jobs", ("hydra-submitit-launcher", "slurm")),
     "slurm": ("trials as SLURM jobs, through submitit", ("hydra-submitit-launcher", "slurm")),

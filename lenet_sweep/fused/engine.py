@@ -7,19 +7,20 @@ are stacked along a leading K axis and one step trains all of them (lenet_sweep.
 After each epoch the group reads its metrics once, copies each member's slice back into its own
 net, optimizer and shuffle stream, launches the next epoch, and only then runs each member's
 hooks on its TrainState, as the eager loop does (on CUDA while the next epoch trains; the hooks
-read their copies on a side stream). A member whose hook raises, or that reaches its epochs,
-leaves; the others go on. Members that left ride along (ignored) until the group has shrunk to
-half, when it is compacted and recaptured: a few captures a sweep, not one per departure. A stop
-request (Ctrl-C, SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
+read their copies on a side stream; the CPU trains as it launches, so there the hooks run first).
+A member whose hook raises, or that reaches its epochs, leaves; the others go on. With `refill`,
+its slot takes the next trial at the boundary: the newcomer's weights, optimizer state, lr and
+shuffle stream are written into the slot's slice in place, so a captured epoch replays it as is.
+Slots nothing refills ride along (ignored) until the group has shrunk to half, when it is
+compacted and recaptured: a few captures a sweep, not one per departure. A stop request (Ctrl-C,
+SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from lenet_sweep.core.data import Split
 from lenet_sweep.core.state import EpochHook, TrainResult, TrainState
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused.epoch import Epoch
-from lenet_sweep.fused.optim import FusedOptimizer
+from lenet_sweep.fused.group import Group
 
 
 @dataclass
@@ -56,10 +57,19 @@ class Member:
 @dataclass
 class Occupancy:
     """How busy a group's slots were: epochs trained by live members, of its K slots times its
-    epochs (a slot whose member left is idle: it rides along, or the group compacted)."""
+    epochs (a slot whose member left is idle: it rides along, or the group compacted); and of
+    those, the group's tail: its epochs once nothing was left to refill from."""
 
     live_epochs: int = 0
     slot_epochs: int = 0
+    tail_live: int = 0
+    tail_slots: int = 0
+    train_s: float = 0.0  # the group's training time, all its epochs
+
+    def add(self, live: int, slots: int, tail: bool) -> None:
+        self.live_epochs, self.slot_epochs = self.live_epochs + live, self.slot_epochs + slots
+        if tail:
+            self.tail_live, self.tail_slots = self.tail_live + live, self.tail_slots + slots
 
     @property
     def share(self) -> float:
@@ -74,68 +84,6 @@ def check_fusable(net: nn.Module) -> None:
         )
 
 
-@dataclass
-class _Group:
-    """The stacked state of the members still riding in the group (all on one device)."""
-
-    members: list[Member]
-    template: nn.Module  # structure only (meta device), for functional_call
-    params: dict[str, torch.Tensor]
-    optim: FusedOptimizer
-    shuffles: list[torch.Generator]  # the group's own: a member's stream is the copy its hooks see
-    perm: torch.Tensor  # (K, n): this epoch's order of each member
-    sums: torch.Tensor = field(init=False)  # (3, K): train loss sum, train correct, test correct
-
-    def __post_init__(self):
-        self.sums = torch.zeros(3, len(self.members), device=self.perm.device)
-
-    @classmethod
-    def stack(cls, members: list[Member], n: int, device: torch.device) -> _Group:
-        names = [name for name, _ in members[0].net.named_parameters()]
-        params = {
-            name: torch.stack([dict(m.net.named_parameters())[name].detach() for m in members])
-            .to(device)
-            .contiguous()
-            for name in names
-        }
-        template = copy.deepcopy(members[0].net).to("meta")
-        optim = FusedOptimizer.stack([m.optimizer for m in members], params)
-        shuffles = [_copy_generator(m.state.shuffle) for m in members]
-        perm = torch.zeros(len(members), n, dtype=torch.long, device=device)  # valid for warm-up
-        return cls(members, template, params, optim, shuffles, perm)
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [*self.params.values(), *self.optim.tensors()]
-
-    def unstack(self, k: int) -> None:
-        """Member k's slice back into its own net, optimizer and shuffle stream: what its hooks
-        see, and keep seeing while the next epoch trains on the group's tensors."""
-        member = self.members[k]
-        with torch.no_grad():
-            for name, p in member.net.named_parameters():
-                p.copy_(self.params[name][k])
-        self.optim.unstack(k, member.optimizer)
-        member.state.shuffle.set_state(self.shuffles[k].get_state())
-
-    def compacted(self, keep: list[int]) -> _Group:
-        index = torch.tensor(keep, device=self.perm.device)
-        params = {k: v.index_select(0, index).contiguous() for k, v in self.params.items()}
-        return _Group(
-            [self.members[i] for i in keep],
-            self.template,
-            params,
-            self.optim.select(index),
-            [self.shuffles[i] for i in keep],
-            self.perm.index_select(0, index).contiguous(),
-        )
-
-
-def _copy_generator(generator: torch.Generator) -> torch.Generator:
-    copied = torch.Generator(device=generator.device)
-    copied.set_state(generator.get_state())
-    return copied
-
-
 def train_group(
     members: list[Member],
     train: Split,
@@ -146,17 +94,22 @@ def train_group(
     progress: bool = False,
     autocast: torch.dtype | None = None,
     on_leave: Callable[[Member], None] | None = None,
+    refill: Callable[[int], Member | None] | None = None,
+    occupancy: Occupancy | None = None,
 ) -> Occupancy:
     """Train every member to its epochs (or until its hooks stop it); see the module docstring.
     Each member's `state.result` holds its history; `error` what stopped it, if anything.
-    `on_leave(member)` runs as each member leaves during training, after its hooks (on CUDA
-    while the others train): the place for the slow part of recording a finished trial.
-    Returns how busy the group's slots were."""
+    `on_leave(member)` runs as each member leaves, after its hooks (on CUDA while the others
+    train): the place for the slow part of recording a finished trial. `refill(slot)` gives the
+    member that takes a freed slot, None once there is none (the group's tail begins). Returns
+    how busy the group's slots were (counted into `occupancy` as it goes, if given)."""
     device = train.labels.device
-    riding, occupancy = _start(members, device), Occupancy()
+    occupancy = occupancy if occupancy is not None else Occupancy()
+    riding = _start(members, device, on_leave)
     if not riding:
         return occupancy
-    group = _Group.stack(riding, len(train), device)
+    group = Group.stack(riding, len(train), device)
+    slots = _Slots(group, refill, on_leave, device)
     new_epoch = functools.partial(
         Epoch,
         train=train,
@@ -170,51 +123,85 @@ def train_group(
     hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     epoch_fn.launch()
     while epoch_fn is not None:
-        occupancy.slot_epochs += len(riding)
-        ended = _end_epoch(group, *epoch_fn.collect(), len(train), len(test))
-        occupancy.live_epochs += len(ended)
+        sums, train_s, eval_s = epoch_fn.collect()
+        ended = _end_epoch(group, sums, train_s, eval_s, len(train), len(test))
+        occupancy.add(len(ended), len(riding), tail=slots.tail)
+        occupancy.train_s += train_s
         bar.update()
-        if hooks_stream is not None:  # the hooks' reads of the copies wait for the copies only
+        if hooks_stream is None:  # the CPU trains as it launches: hooks first, their slots refill
+            slots.leave(ended)
+            group, epoch_fn = _next_epoch(slots, epoch_fn, new_epoch)
+        else:  # the next epoch trains while the hooks run; the hooks read their copies only
             hooks_stream.wait_stream(torch.cuda.current_stream(device))
-        group, epoch_fn = _next_epoch(group, epoch_fn, new_epoch)
-        with torch.cuda.stream(hooks_stream) if hooks_stream else contextlib.nullcontext():
-            for m in ended:
-                _run_hooks(m)
-                if on_leave is not None and (m.done or m.error):
-                    on_leave(m)
-        if hooks_stream is not None:  # the next copies into the members' nets wait for the hooks
+            group, epoch_fn = _next_epoch(slots, epoch_fn, new_epoch)
+            with torch.cuda.stream(hooks_stream):
+                slots.leave(ended)
             torch.cuda.current_stream(device).wait_stream(hooks_stream)
         signals.check()  # Ctrl-C / SIGTERM: stop at the epoch boundary
     bar.close()
     return occupancy
 
 
-def _next_epoch(group: _Group, epoch_fn: Epoch, new_epoch) -> tuple[_Group, Epoch | None]:
-    """Launch the next epoch of every member that may go on, before this epoch's hooks: on CUDA
-    it trains while they run (a member they stop rides it in vain). None when all have left."""
+@dataclass
+class _Slots:
+    """A group's slots through training: who leaves, who takes a freed slot."""
+
+    group: Group
+    refill: Callable[[int], Member | None] | None
+    on_leave: Callable[[Member], None] | None
+    device: torch.device
+    tail: bool = False  # refill had nothing left
+
+    def leave(self, ended: list[Member]) -> None:
+        """Each member's hooks on the epoch it ended; those that leave are handed on."""
+        for m in ended:
+            _run_hooks(m)
+            if self.on_leave is not None and (m.done or m.error):
+                self.on_leave(m)
+
+    def refilled(self) -> None:
+        """Each freed slot takes refill's next member, until it has none."""
+        for k, m in enumerate(self.group.members):
+            while self.refill and not self.tail and (m.done or m.error):
+                new = self.refill(k)
+                if new is None:
+                    self.tail = True
+                elif _start([new], self.device, self.on_leave):
+                    self.group.write(k, new)
+                    m = new
+
+
+def _next_epoch(slots: _Slots, epoch_fn: Epoch, new_epoch) -> tuple[Group, Epoch | None]:
+    """Refill freed slots, then launch the next epoch of every member that may go on (on CUDA
+    before this epoch's hooks: it trains while they run, and a member they stop rides it in
+    vain). None when all have left."""
+    slots.refilled()
+    group = slots.group
     active = [k for k, m in enumerate(group.members) if not (m.done or m.error)]
     if not active:
         return group, None
-    if len(active) <= len(group.members) // 2:  # compact: half the work, one recapture
-        group = group.compacted(active)
+    if len(active) <= len(group.members) // 2:  # the tail: half the work, one recapture
+        group = slots.group = group.compacted(active)
         epoch_fn = new_epoch(group)
     if not signals.pending():  # a stop: this epoch's hooks, no more
         epoch_fn.launch()
     return group, epoch_fn
 
 
-def _start(members: list[Member], device: torch.device) -> list[Member]:
+def _start(members: list[Member], device: torch.device, on_leave=None) -> list[Member]:
     """Each member's TrainState (restored from its checkpoint if resumed); those with epochs
-    left to train."""
+    left to train. One resumed at its end leaves at once."""
     for m in members:
         check_fusable(m.net)
         m.state = states.start(m.net, m.optimizer, m.seed, device, m.resume)
         m.done = m.state.epoch >= m.epochs
+        if m.done and on_leave is not None:
+            on_leave(m)
     return [m for m in members if not m.done]
 
 
 def _end_epoch(
-    group: _Group, sums: list[list[float]], train_s: float, eval_s: float, n: int, n_test: int
+    group: Group, sums: list[list[float]], train_s: float, eval_s: float, n: int, n_test: int
 ) -> list[Member]:
     """The epoch of each member that rode it, as the eager loop ends one but for the hooks:
     stats, log line, its own copy of weights, optimizer and shuffle state. Returns those members."""

@@ -29,11 +29,7 @@ class FusedOptimizer:
     def stack(cls, optimizers: list[Optimizer], params: dict) -> FusedOptimizer:
         kind, hyper = _kind_and_hyper(optimizers[0])
         for opt in optimizers[1:]:
-            if _kind_and_hyper(opt) != (kind, hyper):
-                raise UserError(
-                    "fused trials must share the optimizer and its settings but lr; "
-                    "group them by optimizer or use hydra/launcher=basic"
-                )
+            _check_same(opt, kind, hyper)
         device = next(iter(params.values())).device
         lr = torch.tensor([o.param_groups[0]["lr"] for o in optimizers], device=device)
         names = list(params)
@@ -80,6 +76,18 @@ class FusedOptimizer:
                 optimizer.state[p] = s
 
     @torch.no_grad()
+    def write(self, k: int, optimizer: Optimizer) -> None:
+        """Another trial's optimizer into slot k, in place: its lr, step and buffers (zero
+        where it has none yet, as `stack` starts them)."""
+        _check_same(optimizer, self.kind, self.hyper)
+        self.lr[k] = optimizer.param_groups[0]["lr"]
+        per_param = [optimizer.state.get(p, {}) for p in optimizer.param_groups[0]["params"]]
+        self.step_count[k] = float(per_param[0].get("step", 0.0))
+        for buffers, s in zip(self.state.values(), per_param, strict=True):
+            for b, t in buffers.items():
+                t[k].copy_(s[b]) if b in s else t[k].zero_()
+
+    @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
         h = self.hyper
         if self.kind == "adam":
@@ -108,6 +116,14 @@ class FusedOptimizer:
             step_size = lr / (1 - beta1**step)
             denom = (s["exp_avg_sq"].sqrt() / (1 - beta2**step).sqrt()).add_(h["eps"])
             p.sub_(step_size * s["exp_avg"] / denom)
+
+
+def _check_same(opt: Optimizer, kind: str, hyper: dict) -> None:
+    if _kind_and_hyper(opt) != (kind, hyper):
+        raise UserError(
+            "fused trials must share the optimizer and its settings but lr; "
+            "group them by optimizer or use hydra/launcher=basic"
+        )
 
 
 def _kind_and_hyper(opt: Optimizer) -> tuple[str, dict]:

@@ -1,14 +1,18 @@
-"""`hydra/launcher=fused`: the sweeper's batch of trials trained together on one device.
+"""`hydra/launcher=fused`: the sweep's trials trained together on one device.
 
 Each trial is prepared as a job of its own (Hydra's run_job: its job dir, .hydra/ configs and
 environment; `Job.prepare`: its checks, data, net and MLflow child run), then the trials that
 share a group key (lenet_sweep.config.identity) train as one group (lenet_sweep.fused.engine), and each
 is recorded as if it had run alone. The sweeper sees one JobReturn per trial, as from any
-launcher; the group's id is a tag on each child run.
+launcher: all of a batch together (`launch`), or each as its trial leaves the group while a
+freed slot takes the study's next trial (`stream`, protocol.TrialFeed). The group's id and the
+trial's slot are a tag on each child run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import uuid
 from pathlib import Path
@@ -24,6 +28,7 @@ from lenet_sweep.job.job import Job
 from lenet_sweep.sweep import protocol
 
 log = logging.getLogger(__name__)
+COMPLETED = JobStatus.COMPLETED
 TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each member's run
 
 
@@ -34,21 +39,47 @@ class FusedLaunch:
         self.hydra_context, self.config, self.max_group = hydra_context, config_, max_group
         check_knobs(self, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
+        self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        """Hydra's batch: every trial prepared, grouped by key, each group trained to its end."""
+        self._begin()
+        returns = [self._prepared(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        jobs = [(initial_job_idx + i, r) for i, r in enumerate(returns) if r.status == COMPLETED]
+
+        def hand_back(idx: int, ret: JobReturn) -> None:
+            returns[idx - initial_job_idx] = ret
+
+        with self._killed_on_error():
+            for group in self._groups(jobs):
+                self._train(group, hand_back)
+        return returns
+
+    def stream(self, feed: protocol.TrialFeed, slots: int) -> None:
+        """The feed's trials in groups of `slots` (max_group at most): a slot its trial leaves
+        takes the feed's next trial of the same group key at the next epoch boundary; each
+        result is handed back as it comes. Trials of another key wait for the next group."""
+        self._begin()
+        asked = _Asked(self, feed, min(slots, self.max_group or slots))
+        with self._killed_on_error():
+            while first := asked.take(asked.size):
+                self._train(first, feed.finished, functools.partial(asked.take, 1, _key(first[0])))
+
+    def _begin(self) -> None:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        returns = [self._prepared(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
-        jobs = {i: r.return_value for i, r in enumerate(returns) if r.status == JobStatus.COMPLETED}
+
+    @contextlib.contextmanager
+    def _killed_on_error(self):
+        """An interrupt or an outage: every run still open ends KILLED."""
         try:
-            for group in self._groups(jobs):
-                self._train(group, returns)
-        except BaseException as e:  # an interrupt: every run still open ends KILLED
-            for job in jobs.values():
+            yield
+        except BaseException as e:
+            for job in self.open.values():
                 job.mlrun.close(e)
+            self.open.clear()
             raise
-        return returns
 
     def _prepared(self, idx: int, overrides) -> JobReturn:
         sweep_config = self.compose(list(overrides))
@@ -63,35 +94,33 @@ class FusedLaunch:
             job_subdir_key="hydra.sweep.subdir",
         )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if ret.status == JobStatus.COMPLETED:
+            self.open[idx] = ret.return_value
         return ret
 
-    def _groups(self, jobs: dict[int, Job]) -> list[list[tuple[int, Job]]]:
+    def _groups(self, jobs: list[tuple[int, JobReturn]]) -> list[list[tuple[int, JobReturn]]]:
         by_key: dict[str, list] = {}
-        for i, job in jobs.items():
-            by_key.setdefault(config.group_key(job.cfg), []).append((i, job))
+        for job in jobs:
+            by_key.setdefault(_key(job), []).append(job)
         size = self.max_group or len(jobs)
         return [g[s : s + size] for g in by_key.values() for s in range(0, len(g), size)]
 
-    def _train(self, group: list[tuple[int, Job]], returns: list[JobReturn]) -> None:
-        from lenet_sweep.fused.engine import train_group
+    def _train(self, group, hand_back, refill=None) -> None:
+        """Train `group` ((idx, JobReturn) each) as one; `refill()` gives a freed slot its next
+        trial ([] when there is none); `hand_back(idx, ret)` takes each result as it comes."""
+        from lenet_sweep.fused.engine import Occupancy, train_group
 
-        first = group[0][1]
-        group_id = uuid.uuid4().hex[:8]
-        members = _members(group, group_id)
-        job_of = {id(m): job for m, (_, job) in zip(members, group, strict=True)}
+        first = group[0][1].return_value
+        slots = _Slots(self, uuid.uuid4().hex[:8], len(group), hand_back, Occupancy())
 
-        def record(member) -> None:  # as it leaves the group: on CUDA while the others train
-            if member.error is None:
-                try:
-                    job_of[id(member)].record(member.result)
-                except Exception as e:  # noqa: BLE001 - a store error fails this member alone
-                    member.error = e
+        def next_member(k: int):
+            return slots.member(k, *got[0]) if (got := refill()) else None
 
+        members = [slots.member(k, i, ret) for k, (i, ret) in enumerate(group)]
         # One copy of the data for the group: load_split hands every job the same tensors.
         log.info("training %d trials as one group on %s", len(group), first.device)
-        nets = [m.net for m in members]
-        with signals.stop_on_signals(), speed.training(nets, first.device):
-            occupancy = train_group(
+        with signals.stop_on_signals(), speed.training([m.net for m in members], first.device):
+            train_group(
                 members,
                 first.train_split,
                 first.test_split,
@@ -99,50 +128,115 @@ class FusedLaunch:
                 graph=first.cfg.cuda_graph,
                 progress=False,
                 autocast=config.autocast_dtype(first.cfg.precision),
-                on_leave=record,
+                on_leave=slots.leave,
+                refill=next_member if refill else None,
+                occupancy=slots.occupancy,
             )
-        together = (group_id, occupancy.live_epochs, occupancy.slot_epochs)
-        for (i, job), member in zip(group, members, strict=True):
-            returns[i] = _finished(returns[i], job, member)
-            setattr(returns[i], protocol.TRAINED_TOGETHER, together)  # the rate is the group's
-        results = [m.state.result for m in members if m.state and m.state.result.train_time_s]
-        if results:
-            rate = sum(r.examples_seen for r in results) / max(r.train_time_s for r in results)
-            log.info(
-                "group of %d trials: %s examples/sec on %s, slots %.0f %% busy",
-                len(group),
-                f"{rate:,.0f}",
-                first.device,
-                100 * occupancy.share,
-            )
+        for member in members:  # those that never rode (resumed at their end) are handed back too
+            slots.leave(member)
+        slots.log_rate(first.device)
 
 
-def _members(group: list[tuple[int, Job]], group_id: str) -> list:
-    """Each job as a member of its group, its run tagged with the group's id."""
-    from lenet_sweep.fused.engine import Member
+def _key(job: tuple[int, JobReturn]) -> str:
+    return config.group_key(job[1].return_value.cfg)
 
-    members = []
-    for k, (i, job) in enumerate(group):
-        job.mlrun.set_tags({TAG_GROUP: f"{group_id} ({k + 1} of {len(group)})"})
-        name = str(job.cfg.trial.name or f"job {i}")
-        members.append(
-            Member(
-                job.net,
-                job.optimizer,
-                job.cfg.epochs,
-                job.cfg.seed,
-                job.hooks(),
-                job.resume,
-                name=name,
-            )
+
+class _Asked:
+    """Trials asked from a feed and prepared as jobs, waiting for a slot: the next group's
+    first members, or a freed slot's trial of the same group key."""
+
+    def __init__(self, launch: FusedLaunch, feed: protocol.TrialFeed, size: int) -> None:
+        self.launch, self.feed, self.size = launch, feed, size
+        self.waiting: list[tuple[int, JobReturn]] = []  # of another key than the training group's
+        self.dry = False  # the feed had nothing more
+
+    def take(self, n: int, key: str | None = None) -> list[tuple[int, JobReturn]]:
+        """Up to n jobs of one group key (`key`, else the first one's), the waiting ones first;
+        at most `size` wait, so a group of one key cannot ask the whole study."""
+        taken = []
+        for job in list(self.waiting):
+            if len(taken) < n and (key or _key(job)) == _key(job):
+                key = _key(job)
+                taken.append(job)
+                self.waiting.remove(job)
+        while len(taken) < n and len(self.waiting) < self.size and (job := self._ask()):
+            if (key or _key(job)) == _key(job):
+                key = _key(job)
+                taken.append(job)
+            else:
+                self.waiting.append(job)
+        return taken
+
+    def _ask(self) -> tuple[int, JobReturn] | None:
+        """The feed's next trial as a prepared job; one that fails to prepare is handed back."""
+        while not self.dry:
+            if (asked := self.feed.next_job()) is None:
+                self.dry = True
+            else:
+                ret = self.launch._prepared(*asked)
+                if ret.status == JobStatus.COMPLETED:
+                    return asked[0], ret
+                self.feed.finished(asked[0], ret)
+        return None
+
+
+class _Slots:
+    """A training group's jobs: each as a member (its run tagged with the group and its slot),
+    each result handed back as its member leaves."""
+
+    def __init__(self, launch: FusedLaunch, group_id, size, hand_back, occupancy) -> None:
+        self.launch, self.group_id, self.size = launch, group_id, size
+        self.hand_back, self.occupancy = hand_back, occupancy
+        self.jobs: dict[int, tuple[int, JobReturn]] = {}  # id(member) -> (idx, its JobReturn)
+        self.examples = self.trials = 0
+
+    def member(self, slot: int, idx: int, ret: JobReturn):
+        from lenet_sweep.fused.engine import Member
+
+        job: Job = ret.return_value
+        job.mlrun.set_tags({TAG_GROUP: f"{self.group_id} (slot {slot + 1} of {self.size})"})
+        name = str(job.cfg.trial.name or f"job {idx}")
+        cfg = job.cfg
+        member = Member(
+            job.net, job.optimizer, cfg.epochs, cfg.seed, job.hooks(), job.resume, name=name
         )
-    return members
+        self.jobs[id(member)] = (idx, ret)
+        return member
+
+    def leave(self, member) -> None:
+        """Record the member's trial as it leaves (on CUDA while the others train), end its run
+        and hand its JobReturn back; once."""
+        if (got := self.jobs.pop(id(member), None)) is None:
+            return
+        idx, ret = got
+        job = self.launch.open.pop(idx)
+        if member.error is None:
+            try:
+                job.record(member.result)
+            except Exception as e:  # noqa: BLE001 - a store error fails this member alone
+                member.error = e
+        self.trials += 1
+        if member.state:
+            self.examples += member.result.examples_seen
+        ret = _finished(ret, job, member)
+        setattr(ret, protocol.TRAINED_TOGETHER, (self.group_id, self.occupancy))
+        self.hand_back(idx, ret)
+
+    def log_rate(self, device) -> None:
+        if self.occupancy.train_s:
+            log.info(
+                "group of %d trials in %d slots: %s examples/sec on %s, slots %.0f %% busy",
+                self.trials,
+                self.size,
+                f"{self.examples / self.occupancy.train_s:,.0f}",
+                device,
+                100 * self.occupancy.share,
+            )
 
 
 def _finished(ret: JobReturn, job: Job, member) -> JobReturn:
-    """The member's JobReturn and the end of its run (recorded as it left the group, unless it
-    never rode): metrics, or the error that stopped it alone. The runs end here, after the
-    group: an interrupted group leaves every run KILLED, as its trials FAIL."""
+    """The member's JobReturn and the end of its run: metrics, or the error that stopped it
+    alone. An interrupted group leaves every run still open KILLED, as its trials FAIL."""
     try:
         if member.error is not None:
             raise member.error

@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
+from concurrent import futures
 
 import optuna
-from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from lenet_sweep import signals
-from lenet_sweep.config.identity import setting
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
 from lenet_sweep.errors import Outage, first_line, mask_url, one_line, outage
 from lenet_sweep.stores import store_file
-from lenet_sweep.sweep import protocol, report, search_space
+from lenet_sweep.sweep import in_flight, protocol, report, search_space
 from lenet_sweep.sweep import storage as study_storage
+from lenet_sweep.sweep.feed import StudyFeed
 from lenet_sweep.sweep.parent_run import NoSweepRun, SweepRun, kill_trial_runs
 from lenet_sweep.sweep.report import SweepFailed
 from lenet_sweep.sweep.setup import SweepSetup
@@ -54,29 +53,6 @@ def _one_log_format() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-_ABSENT = object()
-
-
-def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) -> TrialState:
-    """Store one job's outcome in its trial; returns the trial's state."""
-    if outcome.state == TrialState.FAIL:
-        trial.set_user_attr(protocol.FAIL_REASON, outcome.reason)
-        log.warning("trial %d failed: %s", trial.number, outcome.reason)
-    elif outcome.state == TrialState.PRUNED:
-        log.info("trial %d pruned (%s)", trial.number, outcome.reason)
-    study_storage.tell(study, trial, values=outcome.values, state=outcome.state)
-    return outcome.state
-
-
-def trial_name(number: int, params: dict) -> str:
-    """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
-    return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
-
-
-def _shown(params: dict) -> str:
-    return " ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in params.items())
-
-
 class OptunaSweep:
     """One sweep process: settings + Hydra's composed config + a launcher."""
 
@@ -93,7 +69,7 @@ class OptunaSweep:
         self.directions, self.objectives = self.setup.directions, self.setup.objectives
         self.sweep_dir = self.setup.sweep_dir
         self.mlflow_uri = None
-        self.groups: dict[str, tuple[int, int]] = {}  # fused: id -> (live epochs, slot epochs)
+        self.groups: dict[str, object] = {}  # fused: group id -> its Occupancy
         if settings.mlflow:  # the app's `mlflow` node says where (lenet_sweep's config has one)
             self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
 
@@ -167,113 +143,103 @@ class OptunaSweep:
 
     # --- the loop ------------------------------------------------------------------------
     def _loop(self, study, storage, space, fixed, parent: SweepRun) -> list[TrialState]:
-        """Ask, launch, tell until the budget is spent, failures pass the rate, or a signal."""
+        """Ask, launch, tell until the budget is spent, failures pass the rate, or a signal:
+        streamed to a launcher that can (each freed slot takes the next trial), else in
+        batches of n_jobs."""
         heartbeat = study_storage.Heartbeat(
             storage, study.study_name, self.settings.heartbeat_interval
         )
         heartbeat.start()
-        states: list[TrialState] = []
-        in_flight: list[optuna.Trial] = []
-        lost = 0  # trials whose job process died (killed, out of memory, node lost)
+        feed = StudyFeed(self, study, storage, space, fixed, parent.run_id, heartbeat)
         try:
             with signals.stop_on_signals():
-                while not signals.check() and (in_flight := self._ask(study, storage)):
-                    heartbeat.watch(in_flight)
-                    overrides = [self._overrides(t, space, fixed, parent.run_id) for t in in_flight]
-                    for trial in in_flight:
-                        log.info("trial %d started: %s", trial.number, _shown(trial.params))
-                    try:
-                        returns = self.launcher.launch(
-                            overrides, initial_job_idx=in_flight[0].number
-                        )
-                    except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
-                        if down := outage(e, self.sweep_dir):  # e.g. Hydra writing a job dir
-                            raise down from e
-                        lost += self._batch_lost(study, storage, in_flight, e)
-                        heartbeat.watch([])
-                        if lost / self.settings.n_trials > self.settings.max_failure_rate:
-                            raise SweepFailed(
-                                f"{lost} trials lost with their job processes, "
-                                f"last: {type(e).__name__}: {mask_url(str(e))[:300]}; "
-                                "see the launcher's job logs"
-                            ) from e
-                        continue
-                    for ret in returns:  # fused groups: how busy their slots were
-                        if group := getattr(ret, protocol.TRAINED_TOGETHER, None):
-                            self.groups[group[0]] = group[1:]
-                    outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
-                    states += self._record(study, storage, in_flight, outcomes)
-                    heartbeat.watch([])
-                    if report.too_many_failures(study, self.settings):
-                        break
+                submit = None if self.settings.batches else in_flight.submitter(self.launcher)
+                if hasattr(self.launcher, "stream") and not self.settings.batches:
+                    self.launcher.stream(feed, self.settings.n_jobs)
+                    signals.check()
+                elif submit is not None:
+                    self._asynchronously(feed, submit)
+                else:
+                    self._batches(feed)
         except BaseException as e:
             # Interrupted or an outage: fail this worker's in-flight trials (they run again).
             why = one_line(e) if isinstance(e, Outage) else "interrupted"
-            for trial in in_flight:
+            for number in feed.in_flight:
                 with contextlib.suppress(Exception):
-                    study_storage.fail_for_rerun(study, storage, trial.number, why)
+                    study_storage.fail_for_rerun(study, storage, number, why)
             with contextlib.suppress(Exception):
                 parent.end("KILLED")
             raise
         finally:
             heartbeat.stopped.set()
-        return states
+        return feed.states
 
-    def _record(self, study, storage, trials, outcomes) -> list[TrialState]:
-        """Tell the study each outcome; a trial an outage hit runs again, and stops the sweep."""
-        down = [(t, o) for t, o in zip(trials, outcomes, strict=True) if o.rerun]
-        for trial, outcome in down:
-            study_storage.fail_for_rerun(study, storage, trial.number, outcome.reason)
-        told = [(t, o) for t, o in zip(trials, outcomes, strict=True) if not o.rerun]
-        states = [record(study, t, o) for t, o in told]
-        report.log_progress(study, [t for t, _ in told], [o for _, o in told], self.objectives)
-        if down:
-            trial, outcome = down[0]
-            raise Outage(f"trial {trial.number} stopped, to run again: {outcome.reason}")
-        return states
+    def _batches(self, feed: StudyFeed) -> None:
+        """Hydra's protocol: a batch of n_jobs trials launched, all of them told when it ends."""
+        lost = 0  # trials whose job process died (killed, out of memory, node lost)
+        while (
+            not signals.check() and not feed.stopped and (asked := feed.ask(self.settings.n_jobs))
+        ):
+            numbers = [number for number, _ in asked]
+            try:
+                returns = self.launcher.launch(
+                    [overrides for _, overrides in asked], initial_job_idx=numbers[0]
+                )
+            except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
+                lost += self._lost(feed, numbers, e, lost)
+                continue
+            feed.tell(numbers, returns)
 
-    def _batch_lost(self, study, storage, in_flight: list[optuna.Trial], error: Exception) -> int:
-        """A job process died (submitit and Ray raise for the whole batch): fail the batch's
-        trials for a rerun, so that new trials replace them, and end their MLflow runs KILLED.
-        Returns how many were lost."""
+    def _asynchronously(self, feed: StudyFeed, submit) -> None:
+        """n_jobs trials in flight (lenet_sweep.sweep.in_flight); the moment one ends, its result
+        is told and the next trial launched."""
+        running: dict[futures.Future, int] = {}
+        lost = 0
+        try:
+            while True:
+                while len(running) < self.settings.n_jobs and (asked := feed.next_job()):
+                    running[submit(*asked)] = asked[0]
+                if not running:
+                    return
+                done, _ = futures.wait(running, timeout=1, return_when=futures.FIRST_COMPLETED)
+                signals.check()
+                for future in done:
+                    number = running.pop(future)
+                    try:
+                        ret = future.result()
+                    except Exception as e:  # noqa: BLE001 - a launcher reports a dead job so
+                        lost += self._lost(feed, [number], e, lost)
+                        continue
+                    feed.finished(number, ret)
+        except BaseException:
+            submit.close()
+            raise
+
+    def _lost(self, feed: StudyFeed, numbers: list[int], error: Exception, before: int) -> int:
+        """Jobs whose process died (submitit and Ray raise for a whole batch): their trials
+        run again; past max_failure_rate the sweep stops. Returns how many were lost."""
+        if down := outage(error, self.sweep_dir):  # e.g. Hydra writing a job dir
+            raise down from error
+        lost = self._batch_lost(feed, numbers, error)
+        if (before + lost) / self.settings.n_trials > self.settings.max_failure_rate:
+            raise SweepFailed(
+                f"{before + lost} trials lost with their job processes, "
+                f"last: {type(error).__name__}: {mask_url(str(error))[:300]}; "
+                "see the launcher's job logs"
+            ) from error
+        return lost
+
+    def _batch_lost(self, feed: StudyFeed, numbers: list[int], error: Exception) -> int:
+        """Fail the trials of dead jobs for a rerun, so that new trials replace them, and end
+        their MLflow runs KILLED. Returns how many were lost."""
         why = f"job process died: {type(error).__name__}: {first_line(error, 300)}"
-        log.warning("trials %s: %s; their trials run again", [t.number for t in in_flight], why)
-        for trial in in_flight:
-            study_storage.fail_for_rerun(study, storage, trial.number, why)
+        numbers = set(numbers)
+        log.warning("trials %s: %s; their trials run again", sorted(numbers), why)
+        for number in numbers:
+            study_storage.fail_for_rerun(feed.study, feed.storage, number, why)
+            feed.heartbeat.drop(number)
+            feed.in_flight.pop(number, None)
         if self.mlflow_uri:
-            numbers = {t.number for t in in_flight}
-            lost = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
+            lost = [t for t in feed.study.get_trials(deepcopy=False) if t.number in numbers]
             kill_trial_runs(self.mlflow_uri, lost)
-        return len(in_flight)
-
-    def _ask(self, study, storage) -> list[optuna.Trial]:
-        with study_storage.ask_lock(storage, self.settings.storage):
-            left = self.settings.n_trials - study_storage.budget_used(study)
-            with study_storage.heartbeat_warnings_off():
-                trials = [study.ask() for _ in range(max(0, min(self.settings.n_jobs, left)))]
-            for trial in trials:
-                trial.set_user_attr(protocol.WORKER_HOST, tracking_store.HOST)
-                trial.set_user_attr(protocol.WORKER_PID, os.getpid())
-        return trials
-
-    def _overrides(self, trial, space, fixed, parent_run_id) -> list[str]:
-        for name, dist in space.items():
-            search_space.suggest(trial, name, dist)
-        if self.settings.custom_search_space:
-            get_method(self.settings.custom_search_space)(self.config, trial)
-        overrides = [
-            f"{self._key(k)}={search_space.format_value(v)}" for k, v in trial.params.items()
-        ]
-        overrides += [f"{k}={v}" for k, v in fixed.items() if k not in trial.params]
-        overrides += protocol.job_env(trial.number, trial.study.study_name)
-        if "trial" in self.config:  # an app with a trial node gets its MLflow bookkeeping too
-            name = trial_name(trial.number, trial.params)
-            overrides += protocol.trial_overrides(
-                trial.number, name, trial.study.study_name, parent_run_id
-            )
-        return overrides
-
-    def _key(self, key: str) -> str:
-        """`+key` for a parameter the app's config lacks (one a custom search space added)."""
-        missing = OmegaConf.select(self.config, key, default=_ABSENT) is _ABSENT
-        return f"+{key}" if missing else key
+        return len(numbers)

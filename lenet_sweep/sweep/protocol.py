@@ -25,6 +25,11 @@ MLflow store. End to end, in order:
    toward n_trials, while one failed by a dead worker, an interrupt or an outage (RERUN set too)
    is run again.
 5. Repair on the next start: trials of dead workers are failed and their MLFLOW_RUN_ID runs KILLED.
+
+A launcher gets its trials in one of two ways. Hydra's: a batch of n_jobs trials to `launch`,
+whose JobReturns come back together. Or, from a launcher with `stream(feed, slots)` (the fused
+one) unless hydra.sweeper.batches is set, a TrialFeed: the launcher asks for the next trial
+whenever a slot is free and hands back each JobReturn as it comes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
@@ -122,8 +128,19 @@ class Outcome:
 
 
 # On a JobReturn: the job trained together with others (a fused group): (the group's id, its
-# epochs trained by live members, its slot epochs). The launcher logs the group's rate once.
+# Occupancy, counted until the group ends). The launcher logs the group's rate once.
 TRAINED_TOGETHER = "trained_together"
+
+
+class TrialFeed(Protocol):
+    """The sweeper's side of a streaming launch: one trial at a time, asked from the study under
+    its ask lock (so the sampler sees every result told before), each result told as it comes."""
+
+    def next_job(self) -> tuple[int, list[str]] | None:
+        """The next trial's number (its job's idx) and overrides; None: nothing left to ask."""
+
+    def finished(self, idx: int, ret: JobReturn) -> None:
+        """Job `idx`'s return: its trial is told now (an outage raises errors.Outage)."""
 
 
 def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:

@@ -63,18 +63,23 @@ def log_overhead(trials, elapsed: float) -> None:
     )
 
 
-def log_occupancy(groups: dict[str, tuple[int, int]], parent) -> None:
-    """Fused groups: the share of their slot-epochs that trained a live trial (a slot whose trial
-    left is idle until its batch ends), on the parent run as `slot_occupancy`."""
-    live, slots = sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
-    if slots:
-        parent.log_metrics({"slot_occupancy": live / slots})
-        log.info(
-            "fused slots: %d of %d slot-epochs trained a live trial (%.0f %%)",
-            live,
-            slots,
-            100 * live / slots,
-        )
+def log_occupancy(groups: dict, parent) -> None:
+    """Fused groups (their Occupancy): the share of their slot-epochs that trained a live trial,
+    on the parent run as `slot_occupancy`, and until the last trial was asked (before the
+    groups' tails) as `slot_occupancy_asking`."""
+    live, slots = (
+        sum(g.live_epochs for g in groups.values()),
+        sum(g.slot_epochs for g in groups.values()),
+    )
+    tail_live = sum(g.tail_live for g in groups.values())
+    tail_slots = sum(g.tail_slots for g in groups.values())
+    if not slots:
+        return
+    asking = (live - tail_live) / (slots - tail_slots) if slots > tail_slots else 1.0
+    parent.log_metrics({"slot_occupancy": live / slots, "slot_occupancy_asking": asking})
+    until = f"; {100 * asking:.0f} % until the last trial was asked" if tail_slots else ""
+    share = f"{100 * live / slots:.0f} %{until}"
+    log.info("fused slots: %d of %d slot-epochs trained a live trial (%s)", live, slots, share)
 
 
 def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> None:

@@ -129,16 +129,26 @@ class Heartbeat(threading.Thread):
     def __init__(self, storage: optuna.storages.RDBStorage, study_name: str, interval: int):
         super().__init__(daemon=True, name="optuna-heartbeat")
         self.storage, self.study_name, self.interval = storage, study_name, interval
-        self.trial_ids: set[int] = set()
+        self.trial_ids: dict[int, int] = {}  # trial number -> storage id
         self.stopped = threading.Event()
 
     def watch(self, trials: Iterable[optuna.Trial]) -> None:
         """Beat for these trials from now on (none: stop beating), starting with one now."""
-        self.trial_ids = {trial_id(self.storage, self.study_name, t.number) for t in trials}
-        self.beat()
+        self.trial_ids = {}
+        self.add(trials)
 
-    def beat(self) -> None:
-        for trial_id_ in list(self.trial_ids):
+    def add(self, trials: Iterable[optuna.Trial]) -> None:
+        """Beat for these trials too, starting with one now."""
+        new = {t.number: trial_id(self.storage, self.study_name, t.number) for t in trials}
+        self.trial_ids.update(new)
+        self.beat(new.values())
+
+    def drop(self, number: int) -> None:
+        """No more beats for this trial (it ended)."""
+        self.trial_ids.pop(number, None)
+
+    def beat(self, ids: Iterable[int] | None = None) -> None:
+        for trial_id_ in list(self.trial_ids.values() if ids is None else ids):
             with contextlib.suppress(Exception):  # a missed beat is retried next interval
                 self.storage.record_heartbeat(trial_id_)
                 # Optuna's beats cannot be read, and a trial it fails takes no reason: our own

@@ -1,0 +1,83 @@
+"""Trials in flight on a process launcher, without Hydra's batch barrier: n_jobs trials run at
+once, and the moment one ends its result is told and the study's next trial launched.
+
+Workaround: Hydra's Launcher API takes a batch and blocks until all of it has ended
+(facebookresearch/hydra#3091, closed as not planned). Per launcher, what launches one trial
+without waiting for the others:
+- joblib: the loky executor hydra-joblib-launcher's Parallel runs on, handed the plugin's own
+  `execute_job` one trial at a time (Parallel called from a thread would run its jobs in that
+  thread, in this process: joblib/joblib#865);
+- submitit (local, SLURM): the plugin's own `launch` of one trial in a thread of its own (it only
+  submits the job and waits on it).
+Other launchers (basic: in this process; Ray) keep batches. It can go when Hydra's launchers
+offer a launch that does not block.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+
+def submitter(launcher):
+    """`submit(number, overrides) -> Future[JobReturn]` for this launcher; None: batches only."""
+    module = type(launcher).__module__
+    if module.startswith("hydra_plugins.hydra_joblib_launcher"):
+        return _Loky(launcher)
+    if module.startswith("hydra_plugins.hydra_submitit_launcher"):
+        return _Threads(launcher)
+    return None
+
+
+class _Loky:
+    def __init__(self, launcher) -> None:
+        from joblib.externals.loky import get_reusable_executor
+
+        self.launcher = launcher
+        workers = launcher.joblib.get("n_jobs") or -1
+        self.executor = get_reusable_executor(
+            max_workers=os.cpu_count() if workers < 0 else workers
+        )
+
+    def __call__(self, number: int, overrides: list[str]) -> Future:
+        from hydra.core.singleton import Singleton
+        from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+        launcher = self.launcher
+        Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        return self.executor.submit(
+            execute_job,
+            number,
+            overrides,
+            launcher.hydra_context,
+            launcher.config,
+            launcher.task_function,
+            Singleton.get_state(),
+        )
+
+    def close(self) -> None:
+        """Interrupted: the workers go with their jobs (their trials are failed for a rerun)."""
+        self.executor.shutdown(wait=False, kill_workers=True)
+
+
+class _Threads:
+    def __init__(self, launcher) -> None:
+        self.launcher = launcher
+
+    def __call__(self, number: int, overrides: list[str]) -> Future:
+        future: Future = Future()
+
+        def launch() -> None:
+            try:
+                future.set_result(self.launcher.launch([overrides], initial_job_idx=number)[0])
+            except BaseException as e:  # noqa: BLE001 - the job's end, told by the sweep
+                future.set_exception(e)
+
+        # A daemon: an interrupted sweep does not wait on a job it has failed for a rerun.
+        threading.Thread(target=launch, name=f"trial {number}", daemon=True).start()
+        return future
+
+    def close(self) -> None:
+        pass

@@ -156,7 +156,9 @@ def sweep(
     its log kept in `out`."""
     n = n or k
     name = name or f"(f) {k}-trial fused sweep" + (f", {precision}" if precision != "fp32" else "")
-    log = out / f"{re.sub(r'[^0-9a-z]+', '-', name).strip('-')}.log"  # (f) 64-trial... f-64-trial...
+    log = (
+        out / f"{re.sub(r'[^0-9a-z]+', '-', name).strip('-')}.log"
+    )  # (f) 64-trial... f-64-trial...
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         args = [

@@ -142,3 +142,35 @@ print(len(saved), type(opt).__module__, sorted(saved[-1].optimizer))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "torch.optim.sgd", "['param_groups',", "'state']"]
+
+
+def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
+    """Refill on CUDA: a newcomer written into a freed slot trains, without a recapture, as its
+    run alone (graphed) does: its own init, lr, optimizer state and shuffle."""
+    from lenet_sweep.fused.engine import Occupancy
+
+    cfg, *splits = _setup(make_cfg, CUDA, "data.train_size=4096", "data.test_size=1024")
+    specs = [(0.9, 1, 1), (0.3, 2, 3), (0.5, 3, 2), (0.1, 4, 2)]  # lr, seed, epochs
+    members = []
+    for lr, seed, epochs in specs:
+        net, optimizer = build(make_cfg(f"lr={lr}", f"seed={seed}"), CUDA)
+        members.append(Member(net, optimizer, epochs, seed))
+    queue, occupancy = members[2:], Occupancy()
+    train_group(
+        members[:2],
+        *splits,
+        batch_size=256,
+        graph=True,
+        refill=lambda slot: queue.pop(0) if queue else None,
+        occupancy=occupancy,
+    )
+    assert [len(m.result.history) for m in members] == [1, 3, 2, 2]
+    assert occupancy.live_epochs == 8
+    for (lr, seed, epochs), member in zip(specs, members, strict=True):
+        solo_cfg = make_cfg(
+            f"lr={lr}", f"seed={seed}", "data.train_size=4096", "data.test_size=1024"
+        )
+        solo = _run(train_graphed, solo_cfg, splits, CUDA, epochs)
+        fused = member.result.history
+        assert _close(fused[0]["train_loss"], solo.history[0]["train_loss"], 1e-4), (fused, solo)
+        assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02

@@ -14,7 +14,7 @@ LAYERS = {
     "cli": 6, "__main__": 6, "bench": 6,
 }  # fmt: skip
 # The total: 4,600 when the house was rebuilt (issue 25); the capabilities since add their share.
-MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 5700
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 5900
 
 
 def _modules() -> dict[str, Path]:
@@ -115,6 +115,6 @@ def test_modules_and_functions_fit_on_a_screen():
 
 def test_few_formatter_exceptions_and_a_short_readme():
     skips = sum(p.read_text().count("fmt: skip") for p in PROJECT_ROOT.rglob("*.py")
-                if ".venv" not in p.parts and "outputs" not in p.parts)  # fmt: skip
+                if not {".venv", "outputs", "build", ".devpack"} & set(p.parts))  # fmt: skip
     assert skips <= 30
     assert (PROJECT_ROOT / "README.md").read_text().count("\n") <= 250

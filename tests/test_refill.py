@@ -159,3 +159,34 @@ def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa:
     killed = {n for n, r in runs.items() if r.info.status == "KILLED"}
     assert killed and killed <= set(stale) and {m for m in stale if m in runs} == killed
     assert all(r.info.status == "FINISHED" for n, r in runs.items() if n not in stale)
+
+
+def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):  # noqa: F811
+    """SGD and Adam trials cannot share a group: each waits for a group of its own key. A trial
+    whose config is refused fails as it is asked, and its slot goes to the next one."""
+    proc = sweep.run(
+        "hydra/launcher=fused",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra/sweeper/sampler=grid",
+        "optimizer=choice(sgd, adam)",
+        "batch_size=choice(256, 99999)",
+        "epochs=choice(1, 2)",
+        "lr=0.01",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert len(trials) == 8
+    for t in trials:
+        if t.params["batch_size"] == 99999:
+            assert t.state == TrialState.FAIL and "batch_size" in t.user_attrs["fail_reason"]
+        else:
+            assert t.state == TrialState.COMPLETE
+    runs = _children_by_trial(sweep)
+    assert sorted(runs) == sorted(t.number for t in trials if t.state == TrialState.COMPLETE)
+    group_of = {n: r.data.tags["lenet_sweep.fused_group"].split()[0] for n, r in runs.items()}
+    by_optimizer = {}
+    for n, group in group_of.items():
+        by_optimizer.setdefault(trials[n].params["optimizer"], set()).add(group)
+    assert not by_optimizer["sgd"] & by_optimizer["adam"]  # never in one group

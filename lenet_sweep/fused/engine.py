@@ -153,9 +153,11 @@ class _Slots:
     tail: bool = False  # refill had nothing left
 
     def leave(self, ended: list[Member]) -> None:
-        """Each member's hooks on the epoch it ended; those that leave are handed on."""
+        """Each member's hooks on the epoch it ended; then those that leave are handed on (a
+        hook may stop another member: a repeated trial's seeds stop together)."""
         for m in ended:
             _run_hooks(m)
+        for m in ended:
             if self.on_leave is not None and (m.done or m.error):
                 self.on_leave(m)
 

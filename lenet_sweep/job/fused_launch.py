@@ -40,6 +40,7 @@ class FusedLaunch:
         check_knobs(self, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
         self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
+        self.repeats = int(config_.hydra.sweeper.get("repeats", 1))  # seeds a trial, its slots
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Hydra's batch: every trial prepared, grouped by key, each group trained to its end."""
@@ -60,7 +61,8 @@ class FusedLaunch:
         takes the feed's next trial of the same group key at the next epoch boundary; each
         result is handed back as it comes. Trials of another key wait for the next group."""
         self._begin()
-        asked = _Asked(self, feed, min(slots, self.max_group or slots))
+        size = min(slots, self.max_group or slots)
+        asked = _Asked(self, feed, max(1, size // self.repeats))  # jobs; each takes repeats slots
         with self._killed_on_error():
             while first := asked.take(asked.size):
                 self._train(first, feed.finished, functools.partial(asked.take, 1, _key(first[0])))
@@ -102,7 +104,7 @@ class FusedLaunch:
         by_key: dict[str, list] = {}
         for job in jobs:
             by_key.setdefault(_key(job), []).append(job)
-        size = self.max_group or len(jobs)
+        size = max(1, (self.max_group or len(jobs) * self.repeats) // self.repeats)
         return [g[s : s + size] for g in by_key.values() for s in range(0, len(g), size)]
 
     def _train(self, group, hand_back, refill=None) -> None:
@@ -111,12 +113,17 @@ class FusedLaunch:
         from lenet_sweep.fused.engine import Occupancy, train_group
 
         first = group[0][1].return_value
-        slots = _Slots(self, uuid.uuid4().hex[:8], len(group), hand_back, Occupancy())
+        size = len(group) * self.repeats
+        slots = _Slots(self, uuid.uuid4().hex[:8], size, hand_back, Occupancy())
 
-        def next_member(k: int):
-            return slots.member(k, *got[0]) if (got := refill()) else None
+        def next_member(k: int):  # a waiting seed of a repeated trial first, else the next trial
+            if not slots.waiting and (got := refill()):
+                slots.waiting += slots.members(k, *got[0])
+            return slots.waiting.pop(0) if slots.waiting else None
 
-        members = [slots.member(k, i, ret) for k, (i, ret) in enumerate(group)]
+        members = [
+            m for k, (i, ret) in enumerate(group) for m in slots.members(k * self.repeats, i, ret)
+        ]
         # One copy of the data for the group: load_split hands every job the same tensors.
         log.info("training %d trials as one group on %s", len(group), first.device)
         with signals.stop_on_signals(), speed.training([m.net for m in members], first.device):
@@ -187,32 +194,45 @@ class _Slots:
     def __init__(self, launch: FusedLaunch, group_id, size, hand_back, occupancy) -> None:
         self.launch, self.group_id, self.size = launch, group_id, size
         self.hand_back, self.occupancy = hand_back, occupancy
-        self.jobs: dict[int, tuple[int, JobReturn]] = {}  # id(member) -> (idx, its JobReturn)
+        self.jobs: dict[int, tuple] = {}  # id(member) -> (idx, its JobReturn, its Seeds or None)
+        self.waiting: list = []  # seeds of a repeated trial that found no free slot yet
         self.examples = self.trials = 0
 
-    def member(self, slot: int, idx: int, ret: JobReturn):
+    def members(self, slot: int, idx: int, ret: JobReturn) -> list:
+        """The job's members: one, or one per seed of a repeated trial (lenet_sweep.job.seeds)."""
         from lenet_sweep.fused.engine import Member
 
         job: Job = ret.return_value
         job.mlrun.set_tags({TAG_GROUP: f"{self.group_id} (slot {slot + 1} of {self.size})"})
         name = str(job.cfg.trial.name or f"job {idx}")
         cfg = job.cfg
-        member = Member(
-            job.net, job.optimizer, cfg.epochs, cfg.seed, job.hooks(), job.resume, name=name
-        )
-        self.jobs[id(member)] = (idx, ret)
-        return member
+        if (seeds := job.seeds()) is not None:
+            members = seeds.members
+        else:
+            members = [
+                Member(
+                    job.net, job.optimizer, cfg.epochs, cfg.seed, job.hooks(), job.resume, name=name
+                )
+            ]
+        self.jobs.update((id(m), (idx, ret, seeds)) for m in members)
+        return members
 
     def leave(self, member) -> None:
-        """Record the member's trial as it leaves (on CUDA while the others train), end its run
-        and hand its JobReturn back; once."""
+        """Record the member's trial as it leaves (a repeated one: its last seed; on CUDA while
+        the others train), end its run and hand its JobReturn back; once."""
         if (got := self.jobs.pop(id(member), None)) is None:
             return
-        idx, ret = got
+        idx, ret, seeds = got
+        if seeds is not None:
+            if any(id(m) in self.jobs for m in seeds.members):
+                return  # its other seeds still train
+            member = _trial_of(seeds)
         job = self.launch.open.pop(idx)
         if member.error is None:
             try:
                 job.record(member.result)
+                if seeds is not None:
+                    job.mlrun.log_metrics(seeds.final_by_seed())
             except Exception as e:  # noqa: BLE001 - a store error fails this member alone
                 member.error = e
         self.trials += 1
@@ -232,6 +252,21 @@ class _Slots:
                 device,
                 100 * self.occupancy.share,
             )
+
+
+def _trial_of(seeds):
+    """A repeated trial's seeds as the one member that stands for it: its error, or its result
+    (the mean over its seeds) with its first seed's net."""
+    from lenet_sweep.core.state import TrainState
+    from lenet_sweep.fused.engine import Member
+
+    first = seeds.members[0]
+    try:
+        result, error = seeds.finished(), None
+    except Exception as e:  # noqa: BLE001 - the trial's outcome
+        result, error = seeds.result, e
+    state = TrainState(first.net, first.optimizer, first.state.shuffle, result)
+    return Member(first.net, first.optimizer, first.epochs, first.seed, state=state, error=error)
 
 
 def _finished(ret: JobReturn, job: Job, member) -> JobReturn:

@@ -71,6 +71,7 @@ class Job:
     resume: Checkpoint | None
     mlrun: TrackedRun
     recorded: bool = False
+    extra_seeds: list = field(default_factory=list)  # (net, optimizer) of seed+1, ... (repeats)
 
     @classmethod
     def prepare(cls, cfg: DictConfig) -> Job:
@@ -85,6 +86,8 @@ class Job:
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
         train_split, test_split = load_splits(cfg.data, device)
         net, optimizer = build_model(cfg, device)
+        repeats = int((hydra_job.sweeper_cfg or {}).get("repeats", 1)) if link else 1
+        extra = [build_model(cfg, device, cfg.seed + r) for r in range(1, repeats)]
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
         splits = {"training": train_split, "evaluation": test_split}
         mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume, splits)
@@ -103,11 +106,48 @@ class Job:
             optimizer,
             resume,
             mlrun,
+            extra_seeds=extra,
         )
 
     def hooks(self) -> list:
-        """This run's per-epoch hooks (`_epoch_hooks`)."""
-        return _epoch_hooks(self.cfg, self.hydra, self.mlrun, self.link)
+        """This run's per-epoch hooks: its seed's, then its trial's."""
+        return [*self.seed_hooks(first=True), *self.trial_hooks()]
+
+    def seed_hooks(self, first: bool) -> list:
+        """After each epoch of one seed: stop if diverged; the first seed's checkpoint."""
+        epoch_hooks = [hooks.stop_on_divergence(self.cfg.divergence_threshold)]
+        if first and self.hydra.output_dir:
+            path = Path(self.hydra.output_dir) / CHECKPOINT_FILE
+            identity = config.identity_text(self.cfg)
+            epoch_hooks.append(
+                hooks.save_checkpoint(path, mlflow_run_id=self.mlrun.run_id, identity=identity)
+            )
+        return epoch_hooks
+
+    def trial_hooks(self) -> list:
+        """After each epoch of the run (the mean of its seeds): record, maybe prune."""
+        return _trial_hooks(self.mlrun, self.link)
+
+    def nets(self) -> list:
+        return [self.net, *(net for net, _ in self.extra_seeds)]
+
+    def seeds(self):
+        """The job's seeds as members of a fused group (lenet_sweep.job.seeds), if repeated."""
+        if not self.extra_seeds:
+            return None
+        from lenet_sweep.job.seeds import Seeds
+
+        nets = [(self.net, self.optimizer), *self.extra_seeds]
+        seeds = [self.cfg.seed + r for r in range(len(nets))]
+        name = str(self.cfg.trial.name or "")
+        return Seeds(
+            nets,
+            seeds,
+            self.cfg.epochs,
+            lambda r: self.seed_hooks(r == 0),
+            self.trial_hooks(),
+            name,
+        )
 
     def train_args(self) -> dict:
         """Everything a trainer takes after (net, optimizer, train split, test split)."""
@@ -150,10 +190,10 @@ class Job:
         return result.metrics()
 
 
-def build_model(cfg: DictConfig, device: torch.device):
+def build_model(cfg: DictConfig, device: torch.device, seed: int | None = None):
     """The configured net (seeded, Xavier-initialised) and its torch.optim optimizer."""
     make_net = instantiate(cfg.model, _partial_=True)
-    return build(make_net, instantiate(cfg.optimizer), cfg.seed, device)
+    return build(make_net, instantiate(cfg.optimizer), cfg.seed if seed is None else seed, device)
 
 
 def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume, splits) -> TrackedRun:
@@ -214,16 +254,9 @@ def ended_on_error(mlrun: TrackedRun):
         raise
 
 
-def _epoch_hooks(cfg, job: HydraJob, mlrun: TrackedRun, link: TrialLink | None) -> list:
-    """After each epoch, in order: stop if diverged, checkpoint, record, maybe prune."""
-    epoch_hooks = [hooks.stop_on_divergence(cfg.divergence_threshold)]
-    if job.output_dir:
-        path = Path(job.output_dir) / CHECKPOINT_FILE
-        identity = config.identity_text(cfg)
-        epoch_hooks.append(
-            hooks.save_checkpoint(path, mlflow_run_id=mlrun.run_id, identity=identity)
-        )
-    epoch_hooks.append(hooks.log_epoch(mlrun))
+def _trial_hooks(mlrun: TrackedRun, link: TrialLink | None) -> list:
+    """After each epoch: record; in a sweep, maybe prune."""
+    epoch_hooks = [hooks.log_epoch(mlrun)]
     if link is not None:
 
         def end_pruned(state) -> None:  # a pruned trial is a normal end, marked by its tag

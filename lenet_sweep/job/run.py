@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from lenet_sweep import signals, speed
+from lenet_sweep import config, signals, speed
 from lenet_sweep.core.state import TrainResult
 from lenet_sweep.core.train import train
 from lenet_sweep.errors import outage
@@ -43,14 +43,36 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def _run(cfg: DictConfig) -> dict[str, float]:
     job = Job.prepare(cfg)
-    with signals.stop_on_signals(), job.mlrun, speed.training([job.net], job.device):
+    with signals.stop_on_signals(), job.mlrun, speed.training(job.nets(), job.device):
         log.log(logging.INFO if job.link is None else logging.DEBUG, "training on %s", job.device)
         trainer = trainer_for(cfg, job.device)
         try:
-            result = trainer(
-                job.net, job.optimizer, job.train_split, job.test_split, **job.train_args()
-            )
+            if (seeds := job.seeds()) is not None:
+                result = _train_seeds(job, seeds)
+            else:
+                result = trainer(
+                    job.net, job.optimizer, job.train_split, job.test_split, **job.train_args()
+                )
         except Exception as e:
             job.failed(e)
             raise
         return job.complete(result)
+
+
+def _train_seeds(job: Job, seeds) -> TrainResult:
+    """A repeated trial's seeds trained side by side as one fused group on the job's device."""
+    from lenet_sweep.fused.engine import train_group
+
+    cfg = job.cfg
+    train_group(
+        seeds.members,
+        job.train_split,
+        job.test_split,
+        batch_size=cfg.batch_size,
+        graph=cfg.cuda_graph,
+        progress=cfg.progress,
+        autocast=config.autocast_dtype(cfg.precision),
+    )
+    result = seeds.finished()
+    job.mlrun.log_metrics(seeds.final_by_seed())
+    return result

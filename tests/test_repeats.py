@@ -1,0 +1,112 @@
+"""`hydra.sweeper.repeats`: a trial trains several seeds, its objective their mean, read back from
+Optuna and MLflow; fused (the seeds as members of the launcher's group) and basic (a group of the
+job's own)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+
+import pytest
+from optuna.trial import TrialState
+
+from lenet_sweep.tracking import store as tracking_store
+from tests.conftest import SMALL, run_cli
+from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
+
+REPEATED = [
+    "hydra.sweeper.repeats=3",
+    "hydra/sweeper/sampler=grid",
+    "lr=choice(0.3, 0.9)",
+    "hydra.sweeper.n_trials=4",
+]
+
+
+def _seeds_of(run) -> dict[int, float]:
+    got = {}
+    for key, value in run.data.metrics.items():
+        if m := re.fullmatch(r"seed_(\d+)\.test_acc", key):
+            got[int(m[1])] = value
+    return got
+
+
+@pytest.mark.parametrize("launcher", ["fused", "basic"])
+def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):  # noqa: F811
+    extra = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4"] if launcher == "fused" else []
+    proc = sweep.run(*REPEATED, "epochs=choice(1, 2)", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    _, children = sweep.runs()
+    assert len(children) == 4  # one run a trial, its seeds inside
+    client = tracking_store.client(sweep.mlflow_uri)
+    for run in children:
+        t = trials[int(run.data.tags["optuna.trial_number"])]
+        seeds = _seeds_of(run)
+        assert sorted(seeds) == [42, 43, 44]  # the trial's seed and the next two
+        assert t.value == pytest.approx(statistics.fmean(seeds.values()))
+        assert run.data.metrics["test_acc"] == pytest.approx(t.value)
+        assert run.data.metrics["test_acc_std"] == pytest.approx(statistics.pstdev(seeds.values()))
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert [m.step for m in history] == list(range(1, t.params["epochs"] + 1))
+        # Pruning sees the mean: the trial's epoch values are the run's (mean) curve.
+        assert t.intermediate_values == {m.step: m.value for m in history}
+    # Each seed trains as its run alone: seed 44 of the last trial against a run with seed=44.
+    last = trials[-1]
+    (run,) = [r for r in children if r.data.tags["optuna.trial_number"] == str(last.number)]
+    alone = run_cli(
+        *[o for o in SMALL if not o.startswith("epochs=")],
+        f"lr={last.params['lr']}",
+        f"epochs={last.params['epochs']}",
+        "seed=44",
+        f"hydra.run.dir={sweep.dir.parent / 'alone'}",
+        f"mlflow.tracking_uri=sqlite:///{sweep.dir.parent / 'alone.db'}",
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    test_acc = float(re.search(r"test acc (\d\.\d+)", alone.stdout).group(1))
+    assert abs(_seeds_of(run)[44] - test_acc) <= 0.02
+    out = proc.stdout
+    for seed in (42, 43, 44):  # each seed's epochs in the log
+        assert f" s{seed}: epoch 1/" in out
+
+
+def test_repeats_are_at_least_one(sweep):  # noqa: F811
+    proc = sweep.run("hydra.sweeper.repeats=0")
+    assert proc.returncode == 2
+    assert "hydra.sweeper.repeats=0: must be an integer >= 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):  # noqa: F811
+    args = sweep.args(
+        *REPEATED, "hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sweep.wait_for(lambda trials: trials and any(t.intermediate_values for t in trials))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stale = [t.number for t in sweep.trials() if t.state == TrialState.RUNNING]
+    assert stale
+    rerun = sweep.run(
+        *REPEATED, "hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = sweep.trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert all(trials[n].state == TrialState.FAIL for n in stale)
+    _, children = sweep.runs()
+    for run in children:
+        number = int(run.data.tags["optuna.trial_number"])
+        if number in stale:
+            assert run.info.status == "KILLED"
+        else:  # every seed of a trial run again from its start
+            assert run.info.status == "FINISHED" and sorted(_seeds_of(run)) == [42, 43, 44]
+            assert run.data.metrics["epochs_run"] == trials[number].params["epochs"]

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -259,16 +256,13 @@ def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
 
 @pytest.mark.slow
 def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
-    args = sweep.args(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lenet_sweep", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     # The group has trained an epoch: kill it mid-training.
-    sweep.wait_for(lambda trials: trials and all(t.intermediate_values for t in trials))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    pid = sweep.killed_when(
+        lambda trials: trials and all(t.intermediate_values for t in trials),
+        *FUSED,
+        "epochs=5",
+        "lr=interval(0.1, 1.0)",
+    )
     assert [t.state for t in sweep.trials()] == [TrialState.RUNNING] * 4
 
     rerun = sweep.run(*FUSED, "epochs=5", "lr=interval(0.1, 1.0)")
@@ -278,7 +272,7 @@ def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
     _, children = sweep.runs()
     statuses = sorted((int(r.data.tags["optuna.trial_number"]), r.info.status) for r in children)
     assert statuses == [(i, "KILLED") for i in range(4)] + [(i, "FINISHED") for i in range(4, 8)]
-    why = f"worker died: pid {proc.pid} on "
+    why = f"worker died: pid {pid} on "
     assert all(t.user_attrs["fail_reason"].startswith(why) for t in trials[:4])
     killed = [r for r in children if r.info.status == "KILLED"]
     assert all(r.data.tags["error"].startswith(why) for r in killed)

@@ -33,10 +33,14 @@ def _times(sweep):  # noqa: F811
         ("joblib", False),
         ("joblib", True),
         pytest.param("submitit_local", False, marks=pytest.mark.slow),
+        pytest.param("ray", False, marks=pytest.mark.slow),
     ],
 )
 def test_a_freed_job_slot_takes_the_next_trial_at_once(sweep, launcher, batches):  # noqa: F811
-    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    extra = {
+        "joblib": ["hydra.launcher.n_jobs=2"],
+        "ray": ["++hydra.launcher.ray.init.num_cpus=2"],
+    }.get(launcher, [])
     proc = sweep.run(
         f"hydra/launcher={launcher}",
         *extra,

@@ -4,11 +4,7 @@ engine and through `hydra/launcher=fused` end to end, read back from Optuna and 
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -132,18 +128,11 @@ def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):  # noqa: F811
 
 @pytest.mark.slow
 def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
-    args = sweep.args(*REFILL)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lenet_sweep", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     # Refilled slots training: more trials asked than the group has slots, two of them done.
-    sweep.wait_for(
-        lambda trials: len(trials) > 5 and sum(t.state == TrialState.COMPLETE for t in trials) >= 2
+    sweep.killed_when(
+        lambda trials: len(trials) > 5 and sum(t.state == TrialState.COMPLETE for t in trials) >= 2,
+        *REFILL,
     )
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     stale = [t.number for t in sweep.trials() if t.state == TrialState.RUNNING]
     assert stale
     rerun = sweep.run(*REFILL)

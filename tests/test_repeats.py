@@ -4,12 +4,8 @@ job's own)."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
 
 import pytest
 from optuna.trial import TrialState
@@ -82,22 +78,11 @@ def test_repeats_are_at_least_one(sweep):  # noqa: F811
 
 @pytest.mark.slow
 def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):  # noqa: F811
-    args = sweep.args(
-        *REPEATED, "hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lenet_sweep", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    sweep.wait_for(lambda trials: trials and any(t.intermediate_values for t in trials))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    fused = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"]
+    sweep.killed_when(lambda trials: any(t.intermediate_values for t in trials), *REPEATED, *fused)
     stale = [t.number for t in sweep.trials() if t.state == TrialState.RUNNING]
     assert stale
-    rerun = sweep.run(
-        *REPEATED, "hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"
-    )
+    rerun = sweep.run(*REPEATED, *fused)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     trials = sweep.trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 4

@@ -61,6 +61,18 @@ def sweep(tmp_path, mlflow_uri, experiment):
                 if ready(trials):
                     return
 
+        def killed_when(self, ready, *extra: str) -> int:
+            """Start the sweep, kill -9 it once `ready(trials)`; returns its pid."""
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lenet_sweep", *self.args(*extra)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.wait_for(ready)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return proc.pid
+
         def runs(self):
             _, runs = runs_of(mlflow_uri, experiment)
             parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]

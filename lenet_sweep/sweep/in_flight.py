@@ -8,9 +8,11 @@ without waiting for the others:
   `execute_job` one trial at a time (Parallel called from a thread would run its jobs in that
   thread, in this process: joblib/joblib#865);
 - submitit (local, SLURM): the plugin's own `launch` of one trial in a thread of its own (it only
-  submits the job and waits on it).
-Other launchers (basic: in this process; Ray) keep batches. It can go when Hydra's launchers
-offer a launch that does not block.
+  submits the job and waits on it);
+- Ray (local or a cluster): the plugin's own `launch_job_on_ray` for one trial, whose ObjectRef
+  is a future (its `launch` submits them all, then waits on each).
+Basic (in this process) and Ray on AWS keep batches. It can go when Hydra's launchers offer a
+launch that does not block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def submitter(launcher):
         return _Loky(launcher)
     if module.startswith("hydra_plugins.hydra_submitit_launcher"):
         return _Threads(launcher)
+    if module == "hydra_plugins.hydra_ray_launcher.ray_launcher":
+        return _Ray(launcher)
     return None
 
 
@@ -81,3 +85,37 @@ class _Threads:
 
     def close(self) -> None:
         pass
+
+
+class _Ray:
+    def __init__(self, launcher) -> None:
+        from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
+
+        self.launcher = launcher
+        # As the plugin's launch does: enough object store in CI (ray-project/ray#11966).
+        launcher.ray_cfg.init.setdefault("object_store_memory", 78643200)
+        start_ray(launcher.ray_cfg.init)
+
+    def __call__(self, number: int, overrides: list[str]) -> Future:
+        from hydra.core.singleton import Singleton
+        from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
+        from omegaconf import open_dict
+
+        launcher = self.launcher
+        Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        config = launcher.hydra_context.config_loader.load_sweep_config(
+            launcher.config, list(overrides)
+        )
+        with open_dict(config):
+            config.hydra.job.id = f"job_id_for_{number}"
+            config.hydra.job.num = number
+        return launch_job_on_ray(
+            launcher.hydra_context,
+            launcher.ray_cfg.remote,
+            config,
+            launcher.task_function,
+            Singleton.get_state(),
+        ).future()
+
+    def close(self) -> None:
+        pass  # an interrupted sweep's tasks end as in batches: their trials were failed for a rerun

@@ -34,7 +34,7 @@ def sweep(tmp_path, mlflow_uri, experiment):
             return [
                 "-m",
                 *SMALL,
-                f"hydra.sweeper.storage={storage}",
+                f"hydra.sweeper.storage={self.storage}",
                 f"hydra.sweeper.study_name={self.study_name}",
                 f"hydra.sweep.dir={self.dir}",
                 f"mlflow.tracking_uri={mlflow_uri}",
@@ -46,7 +46,7 @@ def sweep(tmp_path, mlflow_uri, experiment):
             return run_cli(*self.args(*extra), timeout=timeout)
 
         def trials(self):
-            study = optuna.load_study(study_name=self.study_name, storage=storage)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
             return study.get_trials(deepcopy=False)
 
         def wait_for(self, ready, timeout: float = 300) -> None:

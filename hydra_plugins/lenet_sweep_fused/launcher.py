@@ -10,13 +10,13 @@ ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLau
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_group: int | None = None) -> None:
-        self.max_group = max_group
+    def __init__(self, max_group: int | None = None, devices=None) -> None:
+        self.max_group, self.devices = max_group, devices
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from lenet_sweep.job.fused_launch import FusedLaunch
 
-        self.fused = FusedLaunch(hydra_context, config, self.max_group)
+        self.fused = FusedLaunch(hydra_context, config, self.max_group, self.devices)
 
     def launch(self, job_overrides, initial_job_idx: int):
         return self.fused.launch(job_overrides, initial_job_idx)

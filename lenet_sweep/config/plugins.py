@@ -140,3 +140,6 @@ class FusedLauncherConf:
     max_group: int | None = knob(
         None, "null or an integer >= 1", "fused: most trials in one group", minimum=1
     )
+    devices: Any = knob(
+        None, "null, all or a list of cpu, cuda, cuda:N", "fused: a worker a device, one study"
+    )

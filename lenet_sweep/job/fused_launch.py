@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from lenet_sweep import config, signals, speed
 from lenet_sweep.config.knobs import check_knobs
 from lenet_sweep.config.plugins import FusedLauncherConf
+from lenet_sweep.job import workers
 from lenet_sweep.job.compose import Composer
 from lenet_sweep.job.job import Job
 from lenet_sweep.sweep import protocol
@@ -35,8 +36,9 @@ TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each membe
 class FusedLaunch:
     """What the fused launcher plugin delegates to: one sweep's config, composer and groups."""
 
-    def __init__(self, hydra_context, config_: DictConfig, max_group: int | None) -> None:
+    def __init__(self, hydra_context, config_: DictConfig, max_group: int | None, devices=None):
         self.hydra_context, self.config, self.max_group = hydra_context, config_, max_group
+        self.devices = devices
         check_knobs(self, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
         self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
@@ -59,7 +61,11 @@ class FusedLaunch:
     def stream(self, feed: protocol.TrialFeed, slots: int) -> None:
         """The feed's trials in groups of `slots` (max_group at most): a slot its trial leaves
         takes the feed's next trial of the same group key at the next epoch boundary; each
-        result is handed back as it comes. Trials of another key wait for the next group."""
+        result is handed back as it comes. Trials of another key wait for the next group. With
+        `devices`, workers do it, one a device (lenet_sweep.job.workers)."""
+        if (devices := workers.resolve(self.devices)) and not workers.is_worker():
+            workers.run(devices)
+            return
         self._begin()
         size = min(slots, self.max_group or slots)
         asked = _Asked(self, feed, max(1, size // self.repeats))  # jobs; each takes repeats slots

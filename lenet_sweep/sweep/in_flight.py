@@ -22,6 +22,8 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 def submitter(launcher):
     """`submit(number, overrides) -> Future[JobReturn]` for this launcher; None: batches only."""
@@ -40,10 +42,14 @@ class _Loky:
         from joblib.externals.loky import get_reusable_executor
 
         self.launcher = launcher
+        cores = os.cpu_count() or 1
         workers = launcher.joblib.get("n_jobs") or -1
-        self.executor = get_reusable_executor(
-            max_workers=os.cpu_count() if workers < 0 else workers
-        )
+        workers = cores if workers < 0 else workers
+        # As joblib's Parallel does: each worker's thread pools get their share of the cores (a
+        # pool of 2 on 2 cores without it: each trial half as fast).
+        share = str(max(1, cores // workers))
+        env = {var: os.environ.get(var, share) for var in _THREAD_VARS}
+        self.executor = get_reusable_executor(max_workers=workers, env=env)
 
     def __call__(self, number: int, overrides: list[str]) -> Future:
         from hydra.core.singleton import Singleton

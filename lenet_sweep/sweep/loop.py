@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -110,8 +111,9 @@ class OptunaSweep:
             kill_trial_runs(self.mlflow_uri, dead)
         done, shown = study_storage.budget_used(study), search_space.describe(space)
         where, name = mask_url(settings.storage), type(sampler).__name__
-        log.info("study %s in %s: %d/%d trials done, sampler %s, search %s",
-                 study.study_name, where, done, settings.n_trials, name, shown)  # fmt: skip
+        level = logging.DEBUG if os.environ.get(protocol.WORKER_ENV) else logging.INFO  # driver's
+        log.log(level, "study %s in %s: %d/%d trials done, sampler %s, search %s",
+                study.study_name, where, done, settings.n_trials, name, shown)  # fmt: skip
         with study_storage.ask_lock(storage, settings.storage):
             parent = (
                 NoSweepRun()
@@ -135,10 +137,14 @@ class OptunaSweep:
             self.setup.enqueue(study)
         parent.set_tags({"sweep_dir": self.sweep_dir})
         if self.mlflow_uri:
-            log.info("MLflow: %s", tracking_store.ui_link(self.mlflow_uri, experiment_id))
+            log.log(level, "MLflow: %s", tracking_store.ui_link(self.mlflow_uri, experiment_id))
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
             states = self._loop(study, storage, space, fixed, parent)
+        if os.environ.get(protocol.WORKER_ENV):  # a fused worker: its driver closes the sweep
+            where = os.environ[protocol.WORKER_ENV]
+            log.info("worker on %s: %d trial(s) trained here", where, len(states))
+            return
         report.finish(self, study, parent, len(states), time.perf_counter() - started)
 
     # --- the loop ------------------------------------------------------------------------

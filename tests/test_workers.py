@@ -1,0 +1,102 @@
+"""Fused workers (`hydra.launcher.devices`): one process a device, all pulling trials from one
+study, on the CPU as the tests run them (`devices=[cpu, cpu]`), read back from Optuna and MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from lenet_sweep.sweep import protocol
+from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
+
+TWO_WORKERS = [
+    "hydra/launcher=fused",
+    "hydra.launcher.devices=[cpu,cpu]",
+    "hydra.sweeper.n_jobs=4",  # each worker's group: 4 slots
+    "lr=interval(0.1, 1.0)",
+]
+
+
+def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
+    """n trials complete, one parent with n children; returns the workers' pids."""
+    trials = sweep.trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == n
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert (sweep.dir / "optimization_results.yaml").is_file()  # the driver closed the sweep
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return {t.user_attrs[protocol.WORKER_PID] for t in complete}
+
+
+def test_two_workers_share_one_study(sweep):  # noqa: F811
+    proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=8", "epochs=range(1, 4)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pids = _check_every_trial_once(sweep, 8)
+    assert len(pids) == 2  # both workers trained trials
+    out = proc.stdout
+    assert out.count("worker on cpu started") == 2
+    assert out.count("] study s in ") == 1 and out.count("mlflow ui ") == 1  # the driver's lines
+
+
+@pytest.fixture
+def postgres():
+    from tests.postgres import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
+    server = PostgresServer(root)
+    try:
+        yield server.start(password="w0rkers")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres):  # noqa: F811
+    sweep.storage = postgres  # the study's storage for the sweep and for reading it back
+    proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=16", "epochs=range(1, 4)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_check_every_trial_once(sweep, 16)) == 2
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_group_loses_no_trial(sweep):  # noqa: F811
+    args = sweep.args(*TWO_WORKERS, "hydra.sweeper.n_trials=16", "epochs=range(2, 5)")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "lenet_sweep", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Both workers training: trials of two pids, one of them has ended an epoch.
+    sweep.wait_for(
+        lambda trials: (
+            len({t.user_attrs.get(protocol.WORKER_PID) for t in trials} - {None}) == 2
+            and any(t.intermediate_values for t in trials)
+        )
+    )
+    victim = next(
+        t.user_attrs[protocol.WORKER_PID] for t in sweep.trials() if t.intermediate_values
+    )
+    os.kill(victim, signal.SIGKILL)
+    assert driver.wait(timeout=900) == 0
+    _check_every_trial_once(sweep, 16)
+    trials = sweep.trials()
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert dead and all(t.user_attrs[protocol.WORKER_PID] == victim for t in dead)
+    assert all(t.user_attrs["fail_reason"].startswith("worker died") for t in dead)
+    _, children = sweep.runs()
+    killed = {
+        int(r.data.tags["optuna.trial_number"]) for r in children if r.info.status == "KILLED"
+    }
+    assert killed and killed <= {t.number for t in dead}

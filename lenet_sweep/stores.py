@@ -24,6 +24,16 @@ def sqlite_path(url: str | None) -> Path | None:
     return Path(url[len(SQLITE) :])
 
 
+JOURNAL = "journal:///"  # hydra.sweeper.storage=journal:///<file>: Optuna's JournalStorage
+
+
+def journal_path(url: str | None) -> Path | None:
+    """The file behind a `journal:///<path>` storage (an absolute path); None for other URLs."""
+    if not url or not url.startswith(JOURNAL):
+        return None
+    return Path("/" + url[len(JOURNAL) :])
+
+
 def store_file(error: BaseException, mlflow_uri: str | None, storage: str | None = None):
     """The sqlite file of the store that raised `error` (MLflow's or the study's), if one did."""
     chain = {type(seen).__name__ for seen in causes(error)}
@@ -93,14 +103,18 @@ def check_intact(url: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def sqlite_lock(url: str) -> Iterator[None]:
-    """Hold `<file>.lock` beside a sqlite store: while it may be created or migrated, and for the
-    sweep's count-then-ask. Other stores pass (a server or database serialises its own)."""
-    path = sqlite_path(url)
-    if path is None:
+def file_lock(url: str) -> Iterator[None]:
+    """Hold `<file>.lock` beside a store in a file (sqlite, an Optuna journal): while it may be
+    created or migrated, and for the sweep's count-then-ask. Other stores pass (a server or
+    database serialises its own)."""
+    if path := sqlite_path(url):
+        lock = f"{path}.lock"
+    elif path := journal_path(url):  # `<file>.lock` is the journal's own (JournalFileBackend)
+        lock = f"{path}.ask-lock"
+    else:
         yield
         return
-    with open(f"{path}.lock", "a") as handle:
+    with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

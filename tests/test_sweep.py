@@ -46,7 +46,10 @@ def sweep(tmp_path, mlflow_uri, experiment):
             return run_cli(*self.args(*extra), timeout=timeout)
 
         def trials(self):
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            from lenet_sweep.sweep.storage import open_storage  # journal:/// too
+
+            storage_ = open_storage(self.storage)
+            study = optuna.load_study(study_name=self.study_name, storage=storage_)
             return study.get_trials(deepcopy=False)
 
         def wait_for(self, ready, timeout: float = 300) -> None:

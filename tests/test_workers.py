@@ -39,7 +39,10 @@ def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
     return {t.user_attrs[protocol.WORKER_PID] for t in complete}
 
 
-def test_two_workers_share_one_study(sweep):  # noqa: F811
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_workers_share_one_study(sweep, storage, tmp_path):  # noqa: F811
+    if storage == "journal":  # Optuna's JournalStorage in a file: workers on one host
+        sweep.storage = f"journal:///{tmp_path / 'journal' / 'study.log'}"
     proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=8", "epochs=range(1, 4)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pids = _check_every_trial_once(sweep, 8)

@@ -26,7 +26,9 @@ class LenetOptunaSweeperConf:
         None, "null or a list of metric names", "the job's metrics to optimise, in order"
     )
     storage: str | None = knob(
-        None, "null or an Optuna RDB URL", "same storage + study_name = the same study"
+        None,
+        "null, an Optuna RDB URL or journal:///<file>",
+        "same storage + study_name = the same study",
     )
     study_name: str | None = knob(None, "null or a plain name", "null: the app's job name")
     n_trials: int = knob(

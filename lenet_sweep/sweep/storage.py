@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
-from lenet_sweep.stores import sqlite_lock, sqlite_path
+from lenet_sweep.stores import JOURNAL, check_writable_dir, file_lock, journal_path, sqlite_path
 from lenet_sweep.sweep import protocol
 from lenet_sweep.tracking.store import HOST, pid_alive
 
@@ -46,10 +46,14 @@ def open_storage(
     url: str, heartbeat_interval: int | None = None, grace_period: int | None = None
 ) -> optuna.storages.RDBStorage:
     """The study's RDB storage (heartbeats on when given). sqlite: created under its lock;
-    other databases: a table-creation race between workers is retried."""
+    other databases: a table-creation race between workers is retried. `journal:///<file>`:
+    Optuna's JournalStorage in that file (workers on one host; its lock is not NFS-safe), whose
+    trials carry our own heartbeat only (BEAT_AT)."""
+    if path := journal_path(url):
+        return _journal(path)
     for attempt in range(5):
         try:
-            with sqlite_lock(url), heartbeat_warnings_off():
+            with file_lock(url), heartbeat_warnings_off():
                 return optuna.storages.RDBStorage(
                     url,
                     heartbeat_interval=heartbeat_interval,
@@ -80,6 +84,15 @@ def open_storage(
     raise AssertionError("unreachable")
 
 
+def _journal(path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    check_writable_dir(path.parent, "the Optuna journal's folder", "fix hydra.sweeper.storage")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{JOURNAL}{path}"):
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
 @contextlib.contextmanager
 def ask_lock(storage: optuna.storages.RDBStorage, url: str) -> Iterator[None]:
     """Serialise count-then-ask across worker processes, so n_trials is never overshot."""
@@ -93,8 +106,8 @@ def ask_lock(storage: optuna.storages.RDBStorage, url: str) -> Iterator[None]:
             finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_ASK_LOCK})
                 conn.commit()
-    else:  # sqlite: a file lock; other databases may overshoot n_trials by up to n_jobs - 1
-        with sqlite_lock(url):
+    else:  # sqlite, a journal: a file lock; other databases may overshoot by up to n_jobs - 1
+        with file_lock(url):
             yield
 
 

@@ -15,7 +15,7 @@ from urllib.request import url2pathname
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
 from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
-from lenet_sweep.stores import SQLITE, check_sqlite, check_writable_dir, sqlite_lock, sqlite_path
+from lenet_sweep.stores import SQLITE, check_sqlite, check_writable_dir, file_lock, sqlite_path
 
 HOST = socket.gethostname()
 # Tags on every run we create, so a later start can tell a dead process's RUNNING run.
@@ -104,7 +104,7 @@ def prepare_experiment(uri: str, name: str) -> str:
         raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
     check_sqlite(uri, "MLflow store", "MLFLOW_TRACKING_URI / mlflow.tracking_uri", OUTPUTS_DIR)
     try:
-        with sqlite_lock(uri):
+        with file_lock(uri):
             mlflow_client = client(uri)  # the first client of a new store creates its tables
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:

@@ -14,7 +14,7 @@ LAYERS = {
     "cli": 6, "__main__": 6, "bench": 6,
 }  # fmt: skip
 # The total: 4,600 when the house was rebuilt (issue 25); the capabilities since add their share.
-MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 6100
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TOTAL_LINES = 300, 60, 6200
 
 
 def _modules() -> dict[str, Path]:

@@ -15,6 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
+from tests.conftest import run_cli
+from tests.test_scale import ray_cluster  # noqa: F401 - a Ray cluster, as users start one
 from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 TWO_WORKERS = [
@@ -28,7 +30,8 @@ TWO_WORKERS = [
 def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
     """n trials complete, one parent with n children; returns the workers' pids."""
     trials = sweep.trials()
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == n
+    shown = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n, shown
     parents, children = sweep.runs()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -103,3 +106,38 @@ def test_a_worker_killed_mid_group_loses_no_trial(sweep):  # noqa: F811
         int(r.data.tags["optuna.trial_number"]) for r in children if r.info.status == "KILLED"
     }
     assert killed and killed <= {t.number for t in dead}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["submitit_local", "ray"])
+def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres, engine, request):  # noqa: F811
+    """The same workers as submitit jobs (a job array of 2) and as tasks of a Ray cluster
+    (`ray start --head`, 2 tasks), the study on PostgreSQL."""
+    sweep.storage = postgres
+    extra, env = [f"hydra.launcher.engine={engine}"], {}
+    if engine == "ray":
+        address, env = request.getfixturevalue("ray_cluster")
+        extra.append(f"+hydra.launcher.ray.init.address={address}")
+    proc = run_cli(
+        *sweep.args(*TWO_WORKERS, *extra, "hydra.sweeper.n_trials=16", "epochs=range(1, 3)"),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_check_every_trial_once(sweep, 16)) == 2
+    assert ("Ray tasks" if engine == "ray" else "workers as submitit_local jobs") in proc.stdout
+
+
+def test_slurm_workers_ask_a_gpu_each_and_take_the_users_parameters():
+    """No SLURM here (submitit's executor needs srun): what the job array is given."""
+    from lenet_sweep.job.workers import resolve, submitit_parameters
+
+    settings = {"slurm_partition": "gpu", "timeout_min": 120, "folder": "/shared/sub/%j"}
+    devices = resolve(["cuda", "cuda", "cuda", "cuda"])
+    assert submitit_parameters(devices, settings) == {
+        "gpus_per_node": 1,
+        "slurm_partition": "gpu",
+        "timeout_min": 120,
+    }
+    assert submitit_parameters(resolve(["cpu", "cpu"]), {}) == {}
+    with pytest.raises(Exception, match="is not cpu, cuda or cuda:N"):
+        resolve(["tpu"])

@@ -10,13 +10,15 @@ ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLau
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_group: int | None = None, devices=None) -> None:
+    def __init__(self, max_group=None, devices=None, engine="local", submitit=None, ray=None):
         self.max_group, self.devices = max_group, devices
+        self.engine, self.submitit, self.ray = engine, submitit, ray
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from lenet_sweep.job.fused_launch import FusedLaunch
 
-        self.fused = FusedLaunch(hydra_context, config, self.max_group, self.devices)
+        workers = {"engine": self.engine, "submitit": self.submitit, "ray": self.ray}
+        self.fused = FusedLaunch(hydra_context, config, self.max_group, self.devices, workers)
 
     def launch(self, job_overrides, initial_job_idx: int):
         return self.fused.launch(job_overrides, initial_job_idx)

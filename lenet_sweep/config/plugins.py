@@ -145,3 +145,11 @@ class FusedLauncherConf:
     devices: Any = knob(
         None, "null, all or a list of cpu, cuda, cuda:N", "fused: a worker a device, one study"
     )
+    engine: str = knob(
+        "local",
+        "local, submitit_local, slurm or ray",
+        "fused: where the devices' workers run",
+        choices=("local", "submitit_local", "slurm", "ray"),
+    )
+    submitit: Any = knob(None, "null or a map", "fused workers on submitit: its parameters")
+    ray: Any = knob(None, "null or a map", "fused workers on Ray: {init: ray.init's arguments}")

@@ -16,9 +16,10 @@ import functools
 import logging
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lenet_sweep import config, signals, speed
 from lenet_sweep.config.knobs import check_knobs
@@ -36,10 +37,12 @@ TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each membe
 class FusedLaunch:
     """What the fused launcher plugin delegates to: one sweep's config, composer and groups."""
 
-    def __init__(self, hydra_context, config_: DictConfig, max_group: int | None, devices=None):
+    def __init__(self, hydra_context, config_: DictConfig, max_group, devices=None, workers=None):
         self.hydra_context, self.config, self.max_group = hydra_context, config_, max_group
-        self.devices = devices
-        check_knobs(self, FusedLauncherConf, "hydra.launcher.")  # before any study or run
+        self.devices, self.workers = devices, workers or {}  # workers: engine, its settings
+        given = {"engine": None, "submitit": None, "ray": None, **self.workers}
+        given = SimpleNamespace(**given, max_group=max_group, devices=devices)
+        check_knobs(given, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
         self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
         self.repeats = int(config_.hydra.sweeper.get("repeats", 1))  # seeds a trial, its slots
@@ -64,7 +67,8 @@ class FusedLaunch:
         result is handed back as it comes. Trials of another key wait for the next group. With
         `devices`, workers do it, one a device (lenet_sweep.job.workers)."""
         if (devices := workers.resolve(self.devices)) and not workers.is_worker():
-            workers.run(devices)
+            settings = {k: _plain(v) for k, v in self.workers.items()}
+            workers.run(devices, settings.get("engine") or "local", settings)
             return
         self._begin()
         size = min(slots, self.max_group or slots)
@@ -148,6 +152,10 @@ class FusedLaunch:
         for member in members:  # those that never rode (resumed at their end) are handed back too
             slots.leave(member)
         slots.log_rate(first.device)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _key(job: tuple[int, JobReturn]) -> str:

@@ -10,6 +10,12 @@ the sweep as it always does. A worker killed mid-group (kill -9, out of memory) 
 trials RUNNING: the driver starts a new round, whose workers fail them first (this host: their
 pid is gone; others: no heartbeat for grace_period) and run what is left. The study's storage
 must be one every worker reaches: sqlite on one host, PostgreSQL (or JournalStorage) across.
+
+`hydra.launcher.engine` says where the workers run: `local` (processes of this host), or through
+the engines users already run: `submitit_local`, `slurm` (a job array, one job a worker, one GPU
+each for a cuda device; `hydra.launcher.submitit`: submitit's parameters) and `ray` (a task a
+worker, `num_gpus=1` for a cuda device; `hydra.launcher.ray.init`: ray.init's). A remote worker
+runs this Python, in this folder, with this project installed: a cluster's shared file system.
 """
 
 from __future__ import annotations
@@ -49,11 +55,19 @@ def resolve(devices) -> list[str]:
     return [str(d) for d in devices]
 
 
-def run(devices: list[str]) -> None:
+ENGINES = ("local", "submitit_local", "slurm", "ray")
+
+
+def run(devices: list[str], engine: str = "local", settings=None) -> None:
     """Rounds of one worker a device until a round ends with every worker done; a round in
     which a worker was killed is followed by another (at most one a device)."""
     for _ in range(len(devices) + 1):
-        codes = _round(devices)
+        if engine == "local":
+            codes = _round(devices)
+        elif engine == "ray":
+            codes = _ray(devices, (settings or {}).get("ray") or {})
+        else:
+            codes = _submitit(devices, engine, (settings or {}).get("submitit") or {})
         if all(code == 0 for code in codes):
             return
         if 5 in codes:
@@ -83,15 +97,88 @@ def _round(devices: list[str]) -> list[int]:
     return [p.returncode for p in procs]
 
 
-def _start(device: str, cpu_share: int) -> subprocess.Popen:
+def _command(device: str) -> list[str]:
+    """The sweep's own command line, as a worker on `device` (cpu or cuda)."""
     argv = [a for a in sys.argv[1:] if not a.lstrip("+").startswith(_OWN)]
+    return [sys.executable, "-m", "lenet_sweep", *argv, f"device={device}"]
+
+
+def _start(device: str, cpu_share: int) -> subprocess.Popen:
     env = dict(os.environ, **{WORKER_ENV: device})
     if device.startswith("cuda"):  # pinned: the worker sees its GPU alone
         env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
-        device = "cuda"
     else:
         env["OMP_NUM_THREADS"] = str(cpu_share)
-    log.info("worker on %s started", env[WORKER_ENV])
-    return subprocess.Popen(
-        [sys.executable, "-m", "lenet_sweep", *argv, f"device={device}"], env=env
-    )
+    log.info("worker on %s started", device)
+    return subprocess.Popen(_command(device.partition(":")[0]), env=env)
+
+
+def worker(command: list[str], env: dict[str, str], cwd: str) -> int:
+    """A worker in a job of an engine (a SLURM job, a Ray task): the sweep's command in its
+    folder, with the driver's lenet_sweep and MLflow settings; its exit code."""
+    return subprocess.run(command, env={**os.environ, **env}, cwd=cwd).returncode
+
+
+def _remote_args(device: str) -> tuple[list[str], dict[str, str], str]:
+    passed = {k: v for k, v in os.environ.items() if k.startswith(("LENET_SWEEP_", "MLFLOW_"))}
+    return _command(device.partition(":")[0]), {**passed, WORKER_ENV: device}, os.getcwd()
+
+
+KILLED = -9  # what a worker its engine lost (preempted, cancelled, its node gone) counts as
+
+
+def _submitit(devices: list[str], engine: str, settings) -> list[int]:
+    """The workers as a submitit job array (on SLURM: one GPU a job for cuda devices)."""
+    import submitit
+
+    folder = settings.get("folder") or os.path.join(os.getcwd(), ".submitit", "%j")
+    cluster = "local" if engine == "submitit_local" else "slurm"
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor.update_parameters(**submitit_parameters(devices, settings))
+    jobs = executor.map_array(worker, *zip(*(_remote_args(d) for d in devices), strict=True))
+    log.info("workers as %s jobs %s", engine, ", ".join(str(j.job_id) for j in jobs))
+    _wait(lambda: all(j.done() for j in jobs), lambda: [j.cancel() for j in jobs])
+    return [_code(j.result) for j in jobs]
+
+
+def submitit_parameters(devices: list[str], settings) -> dict:
+    """submitit's parameters for the workers' jobs: one GPU a job for cuda devices, then the
+    user's `hydra.launcher.submitit` (e.g. slurm_partition, timeout_min; `folder` aside)."""
+    gpus = {"gpus_per_node": 1} if any(d.startswith("cuda") for d in devices) else {}
+    return {**gpus, **{k: v for k, v in settings.items() if k != "folder"}}
+
+
+def _ray(devices: list[str], settings) -> list[int]:
+    """The workers as Ray tasks (one GPU a task for cuda devices) on `ray.init(**init)`'s Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**dict(settings.get("init") or {}))
+    refs = []
+    for d in devices:
+        remote = ray.remote(num_cpus=1, num_gpus=int(d.startswith("cuda")), max_retries=0)(worker)
+        refs.append(remote.remote(*_remote_args(d)))
+    log.info("workers as %d Ray tasks", len(refs))
+
+    def done() -> bool:
+        return not ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+
+    _wait(done, lambda: [ray.cancel(r, force=True) for r in refs])
+    return [_code(lambda r=r: ray.get(r)) for r in refs]
+
+
+def _wait(done, cancel) -> None:
+    """Poll until `done()`; a stop request cancels the workers and raises."""
+    while not done():
+        if signals.pending():
+            cancel()
+            signals.check()
+        time.sleep(0.5)
+
+
+def _code(result) -> int:
+    try:
+        return int(result())
+    except Exception as e:  # noqa: BLE001 - the engine lost the worker: its trials run again
+        log.warning("a worker was lost: %s", f"{type(e).__name__}: {e}"[:300])
+        return KILLED

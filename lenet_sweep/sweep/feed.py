@@ -71,9 +71,9 @@ class StudyFeed:
             left = self.settings.n_trials - study_storage.budget_used(self.study)
             with study_storage.heartbeat_warnings_off():
                 trials = [self.study.ask() for _ in range(max(0, min(n, left)))]
-            for trial in trials:
-                trial.set_user_attr(protocol.WORKER_HOST, tracking_store.HOST)
+            for trial in trials:  # the pid first: a trial of this host is judged by its pid
                 trial.set_user_attr(protocol.WORKER_PID, os.getpid())
+                trial.set_user_attr(protocol.WORKER_HOST, tracking_store.HOST)
         self.in_flight.update((t.number, t) for t in trials)
         self.heartbeat.add(trials)
         asked = [(t.number, self._overrides(t)) for t in trials]

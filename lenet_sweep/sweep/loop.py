@@ -106,7 +106,8 @@ class OptunaSweep:
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
         study = self.setup.open_study(storage, sampler)
-        dead = study_storage.fail_dead_workers(study, storage, settings.grace_period)
+        with study_storage.ask_lock(storage, settings.storage):  # no trial asked but unmarked
+            dead = study_storage.fail_dead_workers(study, storage, settings.grace_period)
         if self.mlflow_uri:
             kill_trial_runs(self.mlflow_uri, dead)
         done, shown = study_storage.budget_used(study), search_space.describe(space)

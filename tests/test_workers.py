@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
@@ -42,13 +43,13 @@ def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
     return {t.user_attrs[protocol.WORKER_PID] for t in complete}
 
 
-@pytest.mark.parametrize("storage", ["sqlite", "journal"])
-def test_two_workers_share_one_study(sweep, storage, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("storage", "n"), [("sqlite", 8), ("journal", 16)])
+def test_two_workers_share_one_study(sweep, storage, n, tmp_path):  # noqa: F811
     if storage == "journal":  # Optuna's JournalStorage in a file: workers on one host
         sweep.storage = f"journal:///{tmp_path / 'journal' / 'study.log'}"
-    proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=8", "epochs=range(1, 4)")
+    proc = sweep.run(*TWO_WORKERS, f"hydra.sweeper.n_trials={n}", "epochs=range(1, 4)")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pids = _check_every_trial_once(sweep, 8)
+    pids = _check_every_trial_once(sweep, n)
     assert len(pids) == 2  # both workers trained trials
     out = proc.stdout
     assert out.count("worker on cpu started") == 2
@@ -128,16 +129,37 @@ def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres, engine,
 
 
 def test_slurm_workers_ask_a_gpu_each_and_take_the_users_parameters():
-    """No SLURM here (submitit's executor needs srun): what the job array is given."""
+    """No SLURM here (submitit's executor needs srun): what the job array is given, from the
+    keys hydra/launcher=slurm takes."""
     from lenet_sweep.job.workers import resolve, submitit_parameters
 
-    settings = {"slurm_partition": "gpu", "timeout_min": 120, "folder": "/shared/sub/%j"}
+    settings = {"partition": "gpu", "timeout_min": 120, "submitit_folder": "/shared/sub/%j"}
     devices = resolve(["cuda", "cuda", "cuda", "cuda"])
-    assert submitit_parameters(devices, settings) == {
+    assert submitit_parameters(devices, "slurm", settings) == {
         "gpus_per_node": 1,
         "slurm_partition": "gpu",
         "timeout_min": 120,
     }
-    assert submitit_parameters(resolve(["cpu", "cpu"]), {}) == {}
+    assert submitit_parameters(resolve(["cpu", "cpu"]), "submitit_local", {}) == {}
     with pytest.raises(Exception, match="is not cpu, cuda or cuda:N"):
         resolve(["tpu"])
+
+
+def test_the_slurm_workers_command_composes(sweep):  # noqa: F811
+    """docs/distributed.md's SLURM command, its launcher config as Hydra composes it."""
+    proc = run_cli(
+        *sweep.args(
+            "hydra/launcher=fused",
+            "hydra.launcher.devices=[cuda,cuda,cuda,cuda]",
+            "hydra.launcher.engine=slurm",
+            "hydra.launcher.submitit={partition: gpu, timeout_min: 120}",
+        )[1:],  # without -m: --cfg shows what -m would run
+        "--cfg",
+        "hydra",
+        "--package",
+        "hydra.launcher",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = yaml.safe_load(proc.stdout)  # the node alone, under "# @package hydra.launcher"
+    assert launcher["engine"] == "slurm" and launcher["devices"] == ["cuda"] * 4
+    assert launcher["submitit"] == {"partition": "gpu", "timeout_min": 120}

@@ -13,7 +13,7 @@ must be one every worker reaches: sqlite on one host, PostgreSQL (or JournalStor
 
 `hydra.launcher.engine` says where the workers run: `local` (processes of this host), or through
 the engines users already run: `submitit_local`, `slurm` (a job array, one job a worker, one GPU
-each for a cuda device; `hydra.launcher.submitit`: submitit's parameters) and `ray` (a task a
+each for a cuda device; `hydra.launcher.submitit`: hydra-submitit-launcher's keys) and `ray` (a task a
 worker, `num_gpus=1` for a cuda device; `hydra.launcher.ray.init`: ray.init's). A remote worker
 runs this Python, in this folder, with this project installed: a cluster's shared file system.
 """
@@ -131,21 +131,28 @@ def _submitit(devices: list[str], engine: str, settings) -> list[int]:
     """The workers as a submitit job array (on SLURM: one GPU a job for cuda devices)."""
     import submitit
 
-    folder = settings.get("folder") or os.path.join(os.getcwd(), ".submitit", "%j")
+    folder = settings.get("submitit_folder") or os.path.join(os.getcwd(), ".submitit", "%j")
     cluster = "local" if engine == "submitit_local" else "slurm"
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    executor.update_parameters(**submitit_parameters(devices, settings))
+    executor.update_parameters(**submitit_parameters(devices, engine, settings))
     jobs = executor.map_array(worker, *zip(*(_remote_args(d) for d in devices), strict=True))
     log.info("workers as %s jobs %s", engine, ", ".join(str(j.job_id) for j in jobs))
     _wait(lambda: all(j.done() for j in jobs), lambda: [j.cancel() for j in jobs])
     return [_code(j.result) for j in jobs]
 
 
-def submitit_parameters(devices: list[str], settings) -> dict:
+def submitit_parameters(devices: list[str], engine: str, settings) -> dict:
     """submitit's parameters for the workers' jobs: one GPU a job for cuda devices, then the
-    user's `hydra.launcher.submitit` (e.g. slurm_partition, timeout_min; `folder` aside)."""
+    user's `hydra.launcher.submitit` in hydra-submitit-launcher's keys (partition, timeout_min,
+    mem_gb, ...: as for hydra/launcher=slurm), renamed for submitit as that plugin does."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    prefix = "local" if engine == "submitit_local" else "slurm"
+    given = {k: v for k, v in settings.items() if k != "submitit_folder"}
     gpus = {"gpus_per_node": 1} if any(d.startswith("cuda") for d in devices) else {}
-    return {**gpus, **{k: v for k, v in settings.items() if k != "folder"}}
+    return {**gpus, **{k if k in base else f"{prefix}_{k}": v for k, v in given.items()}}
 
 
 def _ray(devices: list[str], settings) -> list[int]:

@@ -68,6 +68,10 @@ class FusedLaunch:
         `devices`, workers do it, one a device (lenet_sweep.job.workers)."""
         if (devices := workers.resolve(self.devices)) and not workers.is_worker():
             settings = {k: _plain(v) for k, v in self.workers.items()}
+            sweeper = self.config.hydra.sweeper  # a silent worker's trials fail after this
+            settings["stale_after"] = sweeper.get("grace_period", 30) + sweeper.get(
+                "heartbeat_interval", 10
+            )
             workers.run(devices, settings.get("engine") or "local", settings)
             return
         self._begin()
@@ -240,7 +244,7 @@ class _Slots:
         if seeds is not None:
             if any(id(m) in self.jobs for m in seeds.members):
                 return  # its other seeds still train
-            member = _trial_of(seeds)
+            member = seeds.as_member()
         job = self.launch.open.pop(idx)
         if member.error is None:
             try:
@@ -266,21 +270,6 @@ class _Slots:
                 device,
                 100 * self.occupancy.share,
             )
-
-
-def _trial_of(seeds):
-    """A repeated trial's seeds as the one member that stands for it: its error, or its result
-    (the mean over its seeds) with its first seed's net."""
-    from lenet_sweep.core.state import TrainState
-    from lenet_sweep.fused.engine import Member
-
-    first = seeds.members[0]
-    try:
-        result, error = seeds.finished(), None
-    except Exception as e:  # noqa: BLE001 - the trial's outcome
-        result, error = seeds.result, e
-    state = TrainState(first.net, first.optimizer, first.state.shuffle, result)
-    return Member(first.net, first.optimizer, first.epochs, first.seed, state=state, error=error)
 
 
 def _finished(ret: JobReturn, job: Job, member) -> JobReturn:

@@ -87,3 +87,16 @@ class Seeds:
             for k, v in m.result.final.items()
             if k != "epoch"
         }
+
+    def as_member(self) -> Member:
+        """The trial as the one member that stands for it once its seeds have left: its error,
+        or its result (the mean over its seeds) with its first seed's net."""
+        first = self.members[0]
+        try:
+            result, error = self.finished(), None
+        except Exception as e:  # noqa: BLE001 - the trial's outcome
+            result, error = self.result, e
+        state = TrainState(first.net, first.optimizer, first.state.shuffle, result)
+        return Member(
+            first.net, first.optimizer, first.epochs, first.seed, state=state, error=error
+        )

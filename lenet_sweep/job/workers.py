@@ -75,6 +75,8 @@ def run(devices: list[str], engine: str = "local", settings=None) -> None:
         if any(code not in (0, -9, 137, -15, 143) for code in codes):
             raise UserError(f"workers ended with exit codes {codes}: their lines above say why")
         log.warning("a worker was killed (exit codes %s): its trials run again", codes)
+        if engine != "local":  # on another host its trials fail by their silent heartbeat
+            time.sleep((settings or {}).get("stale_after", 0))
     raise Outage(f"workers kept being killed: {codes}")
 
 

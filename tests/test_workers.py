@@ -4,12 +4,9 @@ study, on the CPU as the tests run them (`devices=[cpu, cpu]`), read back from O
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,7 +15,7 @@ from optuna.trial import TrialState
 from lenet_sweep.sweep import protocol
 from tests.conftest import run_cli
 from tests.test_scale import ray_cluster  # noqa: F401 - a Ray cluster, as users start one
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
+from tests.test_sweep import postgres_url, sweep  # noqa: F401 - fixtures
 
 TWO_WORKERS = [
     "hydra/launcher=fused",
@@ -56,22 +53,9 @@ def test_two_workers_share_one_study(sweep, storage, n, tmp_path):  # noqa: F811
     assert out.count("] study s in ") == 1 and out.count("mlflow ui ") == 1  # the driver's lines
 
 
-@pytest.fixture
-def postgres():
-    from tests.postgres import PostgresServer
-
-    root = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
-    server = PostgresServer(root)
-    try:
-        yield server.start(password="w0rkers")
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres):  # noqa: F811
-    sweep.storage = postgres  # the study's storage for the sweep and for reading it back
+def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres_url):  # noqa: F811
+    sweep.storage = postgres_url  # the study's storage for the sweep and for reading it back
     proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=16", "epochs=range(1, 4)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_check_every_trial_once(sweep, 16)) == 2
@@ -111,10 +95,10 @@ def test_a_worker_killed_mid_group_loses_no_trial(sweep):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["submitit_local", "ray"])
-def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres, engine, request):  # noqa: F811
+def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres_url, engine, request):  # noqa: F811
     """The same workers as submitit jobs (a job array of 2) and as tasks of a Ray cluster
     (`ray start --head`, 2 tasks), the study on PostgreSQL."""
-    sweep.storage = postgres
+    sweep.storage = postgres_url
     extra, env = [f"hydra.launcher.engine={engine}"], {}
     if engine == "ray":
         address, env = request.getfixturevalue("ray_cluster")

@@ -100,7 +100,8 @@ class StudyFeed:
         if down:
             trial, outcome = down[0]
             raise Outage(f"trial {trial.number} stopped, to run again: {outcome.reason}")
-        self.stopped = self.stopped or report.too_many_failures(self.study, self.settings)
+        if any(o.state == TrialState.FAIL for _, o in told):  # the study is read on a failure only
+            self.stopped = self.stopped or report.too_many_failures(self.study, self.settings)
 
     def _overrides(self, trial: optuna.Trial) -> list[str]:
         for name, dist in self.space.items():

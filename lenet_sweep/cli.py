@@ -17,11 +17,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import CONFIG_DIR, OUTPUTS_DIR, config, errors
+from lenet_sweep import CONFIG_DIR, config, errors
 from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
 from lenet_sweep.tracking import store
@@ -47,20 +48,63 @@ def main(cfg: DictConfig) -> dict[str, float]:
         if isinstance(e, errors.Outage) and (run_dir / "checkpoint.pt").is_file():
             e = errors.Outage(f"{e}; this run goes on with resume={run_dir}")
         elif not isinstance(e, Diverged):  # refused before training: leave no run dir behind
-            _discard_untouched(run_dir)
+            with contextlib.suppress(OSError):
+                _discard_untouched(run_dir)
         exit_with(e)
     except KeyboardInterrupt as e:
         e.run_dir = run_dir if single else None  # for the line that says how to resume
         raise
 
 
+class RunDirRecord(Callback):
+    """hydra.callbacks (lenet_sweep/conf/config.yaml): what a single run's dir held before Hydra
+    made it, read before it does, so that a run refused before training removes only what this
+    process created there, never a folder or a file that existed."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _before.clear()
+        with contextlib.suppress(Exception):  # an unresolvable dir: nothing is removed later
+            run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+            missing = [d for d in [run_dir, *run_dir.parents] if not d.exists()]
+            first_new = missing[-1] if missing else None  # the topmost folder Hydra will make
+            _before[run_dir] = (first_new, _entries(run_dir))
+
+
+_before: dict[Path, tuple[Path | None, set[str]]] = {}  # run dir -> (first folder made, entries)
+
+
+def _entries(run_dir: Path) -> set[str]:
+    """What a run dir holds where Hydra writes before the task: its top level and `.hydra/`."""
+    found = set()
+    for folder in (run_dir, run_dir / ".hydra"):
+        if folder.is_dir():
+            found |= {str(p.relative_to(run_dir)) for p in folder.iterdir()}
+    return found
+
+
 def _discard_untouched(run_dir: Path) -> None:
-    """Remove a run dir holding only what Hydra writes before the task (.hydra/, the job log)."""
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.parent.parent == OUTPUTS_DIR / "runs":  # the default runs/<day>/<time>
-            with contextlib.suppress(OSError):
-                run_dir.parent.rmdir()  # the day's folder, when this was its only run
+    """Remove what Hydra wrote before the task (.hydra/, the job log) into a run dir, and the
+    folders it made for it; only what was not there before (RunDirRecord), nothing else."""
+    run_dir = Path(os.path.abspath(run_dir))
+    if run_dir not in _before:
+        return  # not known to be ours: left as it is
+    first_new, before = _before[run_dir]
+    new = sorted(_entries(run_dir) - before, key=len, reverse=True)  # .hydra/x before .hydra
+    if not all(name.startswith(".hydra") or name.endswith(".log") for name in new):
+        return  # something else was written: the run did start
+    for name in new:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    folder = run_dir
+    while first_new is not None and folder.is_relative_to(first_new):
+        try:
+            folder.rmdir()  # only when empty: another run may share a folder made meanwhile
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _hydra_run_dir(error: BaseException) -> Path | None:

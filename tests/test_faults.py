@@ -256,6 +256,30 @@ def test_values_that_slipped_through_are_refused(override, message, tmp_path):
     assert not (tmp_path / "runs" / "r").exists()  # and no run dir is left behind
 
 
+def test_a_refused_run_removes_only_what_it_made(tmp_path):
+    """A run refused before training in a folder that existed leaves the folder and its files;
+    one in new folders removes them all, up to the first that existed."""
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "important.log").write_text("precious")
+    (user / ".hydra").mkdir()  # even a dir another run left: not this process's
+    (user / ".hydra" / "config.yaml").write_text("theirs")
+    store = f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"
+    for run_dir in (user, tmp_path / "new" / "a" / "b"):
+        proc = run_cli(*SMALL, store, f"hydra.run.dir={run_dir}", "resume=/nonexistent")
+        assert proc.returncode == 2
+        assert _one_line(proc).startswith("error: resume=/nonexistent: no checkpoint.pt there")
+    assert sorted(p.name for p in user.iterdir()) == [".hydra", "important.log"]
+    assert (user / "important.log").read_text() == "precious"
+    assert [p.name for p in (user / ".hydra").iterdir()] == ["config.yaml"]  # Hydra's others: gone
+    assert not (tmp_path / "new").exists()
+    (user / "lenet_sweep.log").unlink(missing_ok=True)  # Hydra's job log, if it wrote one: new
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    proc = run_cli(*SMALL, store, f"hydra.run.dir={fresh}", "resume=/nonexistent")
+    assert proc.returncode == 2 and fresh.is_dir() and not list(fresh.iterdir())
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [

@@ -27,7 +27,7 @@ from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
 from lenet_sweep.tracking import store
 
-# The schema lenet_sweep/conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
+# The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
 # that launcher processes that import this module to run `main` have it too.
 config.register()
 
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 class RunDirRecord(Callback):
-    """hydra.callbacks (lenet_sweep/conf/config.yaml): what a single run's dir held before Hydra
+    """hydra.callbacks (conf/config.yaml): what a single run's dir held before Hydra
     made it, read before it does, so that a run refused before training removes only what this
     process created there, never a folder or a file that existed."""
 

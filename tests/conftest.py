@@ -1,18 +1,27 @@
-"""Shared fixtures: configs composed once per call, small real data, one MLflow store."""
+"""Shared fixtures: configs composed once per call, small real data, one MLflow store, a sweep
+against fresh stores, a PostgreSQL server, a Ray cluster."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 
 from lenet_sweep import CONFIG_DIR, PROJECT_ROOT
 from lenet_sweep import config as lenet_config
+from lenet_sweep.tracking import store as tracking_store
+from tests.servers import free_port, stop_processes_of
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # A slice of the real data: enough to learn something in one or two epochs on 2 cores.
@@ -20,7 +29,7 @@ SMALL = ["data.train_size=2048", "data.test_size=512", "epochs=1", "progress=fal
 
 
 def pytest_configure(config):
-    lenet_config.register()  # the schema lenet_sweep/conf/config.yaml extends, as the app registers it
+    lenet_config.register()  # the schema conf/config.yaml extends, as the app registers it
     if not FASHION.is_dir():
         raise pytest.UsageError(
             f"{FASHION} is missing: apt-get install dataset-fashion-mnist (tests use the real data)"
@@ -118,3 +127,109 @@ PRUNED_AND_COMPLETE = [
     "optimizer=adam",
     "lr=choice(0.003, 0.0000001)",
 ]
+
+
+@pytest.fixture
+def sweep(tmp_path, mlflow_uri, experiment):
+    """Runs `-m` sweeps against a fresh study store and this test's MLflow experiment."""
+    tracking_store.prepare_experiment(mlflow_uri, experiment)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    class Sweep:
+        def __init__(self):
+            self.storage, self.dir, self.study_name = storage, tmp_path / "multirun", "s"
+            self.mlflow_uri = mlflow_uri
+
+        def args(self, *extra: str) -> list[str]:
+            return [
+                "-m",
+                *SMALL,
+                f"hydra.sweeper.storage={self.storage}",
+                f"hydra.sweeper.study_name={self.study_name}",
+                f"hydra.sweep.dir={self.dir}",
+                f"mlflow.tracking_uri={mlflow_uri}",
+                f"mlflow.experiment={experiment}",
+                *extra,
+            ]
+
+        def run(self, *extra: str, timeout: int = 600):
+            return run_cli(*self.args(*extra), timeout=timeout)
+
+        def trials(self):
+            from lenet_sweep.sweep.storage import open_storage  # journal:/// too
+
+            storage_ = open_storage(self.storage)
+            study = optuna.load_study(study_name=self.study_name, storage=storage_)
+            return study.get_trials(deepcopy=False)
+
+        def wait_for(self, ready, timeout: float = 300) -> None:
+            """Poll the study until `ready(trials)`, e.g. once a trial has reported an epoch."""
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                time.sleep(0.1)
+                try:
+                    trials = self.trials()
+                except Exception:  # study not created yet
+                    continue
+                if ready(trials):
+                    return
+
+        def killed_when(self, ready, *extra: str) -> int:
+            """Start the sweep, kill -9 it once `ready(trials)`; returns its pid."""
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lenet_sweep", *self.args(*extra)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.wait_for(ready)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return proc.pid
+
+        def runs(self):
+            _, runs = runs_of(mlflow_uri, experiment)
+            parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            return parents, children
+
+    return Sweep()
+
+
+@pytest.fixture
+def postgres_url():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.postgres import PostgresServer
+
+    # Not under pytest's tmp dir: that one is private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
+    server = PostgresServer(root)
+    try:
+        yield server.start(password="s3cret-pw")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A one-node Ray cluster started as docs/distributed.md tells users to: token
+    authentication on, with a token made for it (here in the test's own folder, not the home
+    directory). Yields its address and the environment a driver needs to reach it."""
+    ray = shutil.which("ray")
+    if ray is None:
+        pytest.fail("ray is not installed: pip install -e '.[ray]'")
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ray-")
+    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, env={**os.environ, **env})
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        stop_processes_of(str(token))  # this cluster's only: `ray stop` ends every Ray here
+        shutil.rmtree(temp, ignore_errors=True)

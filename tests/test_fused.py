@@ -24,7 +24,6 @@ from lenet_sweep.fused.group import Group
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import PRUNED_AND_COMPLETE, model_of
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 CPU = torch.device("cpu")
 FUSED = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "hydra.sweeper.n_trials=4"]
@@ -180,7 +179,7 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
     assert resumed.result.history == whole.result.history
 
 
-def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
+def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
     proc = sweep.run(
         *FUSED,
         "hydra/sweeper/sampler=grid",
@@ -236,7 +235,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):  # noqa: F811
         assert out.count(f"] trial {t.number} {end}") == 1
 
 
-def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
+def test_fused_sweep_prunes_a_member_alone(sweep):
     proc = sweep.run(
         *FUSED,
         *PRUNED_AND_COMPLETE,
@@ -255,7 +254,7 @@ def test_fused_sweep_prunes_a_member_alone(sweep):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
+def test_fused_sweep_killed_then_rerun_finishes_the_total(sweep):
     # The group has trained an epoch: kill it mid-training.
     pid = sweep.killed_when(
         lambda trials: trials and all(t.intermediate_values for t in trials),

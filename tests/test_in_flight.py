@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
-
 # Trial 0 trains 1 epoch, trial 1 forty: the third trial starts when trial 0 ends, long before
 # trial 1 does; in batches, after both.
 SHORT_LONG_SHORT = [
@@ -18,7 +16,7 @@ SHORT_LONG_SHORT = [
 ]
 
 
-def _times(sweep):  # noqa: F811
+def _times(sweep):
     """(start, end) in ms of each trial's MLflow run, by trial number."""
     _, children = sweep.runs()
     return {
@@ -36,7 +34,7 @@ def _times(sweep):  # noqa: F811
         pytest.param("ray", False, marks=pytest.mark.slow),
     ],
 )
-def test_a_freed_job_slot_takes_the_next_trial_at_once(sweep, launcher, batches):  # noqa: F811
+def test_a_freed_job_slot_takes_the_next_trial_at_once(sweep, launcher, batches):
     extra = {
         "joblib": ["hydra.launcher.n_jobs=2"],
         "ray": ["++hydra.launcher.ray.init.num_cpus=2"],

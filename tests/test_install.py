@@ -16,18 +16,34 @@ from tests.conftest import SMALL, runs_of
 pytestmark = pytest.mark.slow
 
 
+def _wheel_from_sdist(folder) -> list:
+    """The sdist built from a copy of the checkout's files, then the wheel built from the sdist
+    (so both must carry conf/), all in `folder`: nothing is built in the checkout."""
+    source, dist = folder / "source", folder / "dist"
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT, check=True,
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for name in listed:
+        if (PROJECT_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, source / name)
+    build = f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=source, check=True, capture_output=True)
+    [sdist] = dist.glob("*.tar.gz")
+    wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, sdist]
+    subprocess.run(wheel, check=True, cwd=folder)
+    return list(dist.glob("*.whl"))
+
+
 @pytest.fixture
 def venv(tmp_path):
     """A new venv holding the wheel and its dependencies (torch from this machine's wheels)."""
-    wheels, env_dir = tmp_path / "wheels", tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, PROJECT_ROOT],
-        check=True,
-    )
+    wheels, env_dir = _wheel_from_sdist(tmp_path), tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", env_dir], check=True)
     python = env_dir / "bin" / "python"
     torch = ["torch==2.14.1", "torchvision==0.29.1"]  # the README's versions
-    install = [python, "-m", "pip", "install", "-q", *torch, *wheels.glob("*.whl")]
+    install = [python, "-m", "pip", "install", "-q", *torch, *wheels]
     subprocess.run(install, check=True, capture_output=True, timeout=1200)
     yield python
     shutil.rmtree(env_dir, ignore_errors=True)  # ~6 GB

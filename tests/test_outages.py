@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import SMALL, run_cli, runs_of
-from tests.test_scale import _free_port, _serving
+from tests.servers import free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,11 @@ def _server(backend: str, artifacts, port: int):
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]  # fmt: skip
-    return _serving(cmd, f"http://127.0.0.1:{port}/health")
+    return serving(cmd, f"http://127.0.0.1:{port}/health")
 
 
 def test_a_tracking_server_outage_stops_the_sweep_and_the_rerun_finishes_it(tmp_path):
-    port, storage = _free_port(), f"sqlite:///{tmp_path}/optuna.db"
+    port, storage = free_port(), f"sqlite:///{tmp_path}/optuna.db"
     uri = f"http://127.0.0.1:{port}"
     backend, artifacts = f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts"
     args = ["-m", *SMALL, "hydra.sweeper.n_trials=6", "hydra.sweeper.params.epochs=1",

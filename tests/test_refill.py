@@ -16,7 +16,6 @@ from lenet_sweep.fused.engine import Member, Occupancy, train_group
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import SMALL, run_cli
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 CPU = torch.device("cpu")
 EPOCHS = [1, 4, 2, 3, 1, 2, 4, 1, 3, 2, 1, 2]  # twelve trials, each its own length
@@ -80,13 +79,13 @@ def test_each_freed_slot_takes_the_next_trial_at_the_next_boundary(make, optimiz
         assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
 
 
-def _children_by_trial(sweep):  # noqa: F811
+def _children_by_trial(sweep):
     _, children = sweep.runs()
     return {int(r.data.tags["optuna.trial_number"]): r for r in children}
 
 
 @pytest.mark.parametrize("pruner", ["none", "hyperband"])
-def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):  # noqa: F811
+def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):
     proc = sweep.run(*REFILL, f"hydra/sweeper/pruner={pruner}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
@@ -127,7 +126,7 @@ def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa: F811
+def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):
     # Refilled slots training: more trials asked than the group has slots, two of them done.
     sweep.killed_when(
         lambda trials: len(trials) > 5 and sum(t.state == TrialState.COMPLETE for t in trials) >= 2,
@@ -150,7 +149,7 @@ def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):  # noqa:
     assert all(r.info.status == "FINISHED" for n, r in runs.items() if n not in stale)
 
 
-def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):  # noqa: F811
+def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):
     """SGD and Adam trials cannot share a group: each waits for a group of its own key. A trial
     whose config is refused fails as it is asked, and its slot goes to the next one."""
     proc = sweep.run(

@@ -12,7 +12,6 @@ from optuna.trial import TrialState
 
 from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import SMALL, run_cli
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
 
 REPEATED = [
     "hydra.sweeper.repeats=3",
@@ -31,7 +30,7 @@ def _seeds_of(run) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("launcher", ["fused", "basic"])
-def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):  # noqa: F811
+def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
     extra = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4"] if launcher == "fused" else []
     proc = sweep.run(*REPEATED, "epochs=choice(1, 2)", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,14 +69,14 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):  # noqa: F8
         assert f" s{seed}: epoch 1/" in out
 
 
-def test_repeats_are_at_least_one(sweep):  # noqa: F811
+def test_repeats_are_at_least_one(sweep):
     proc = sweep.run("hydra.sweeper.repeats=0")
     assert proc.returncode == 2
     assert "hydra.sweeper.repeats=0: must be an integer >= 1" in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):  # noqa: F811
+def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):
     fused = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "epochs=choice(3, 4)"]
     sweep.killed_when(lambda trials: any(t.intermediate_values for t in trials), *REPEATED, *fused)
     stale = [t.number for t in sweep.trials() if t.state == TrialState.RUNNING]

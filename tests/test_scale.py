@@ -5,17 +5,13 @@ artifacts served by the server), on submitit's local launcher, on a Ray cluster 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -25,7 +21,7 @@ from optuna.trial import TrialState
 from lenet_sweep.sweep import protocol
 from lenet_sweep.tracking import store as tracking_store
 from tests.conftest import PRUNED_AND_COMPLETE, SMALL, model_of, run_cli, run_together
-from tests.test_sweep import sweep  # noqa: F401 - the sweep fixture
+from tests.servers import free_port, get_json, serving
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cret-pw"  # postgres_url's
@@ -38,47 +34,6 @@ PRUNING = [
     "hydra.sweeper.n_trials=4",
     "hydra.sweeper.n_jobs=2",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited {proc.returncode}: {proc.stdout.read()}")
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-@contextlib.contextmanager
-def _serving(cmd: list[str], ready_url: str):
-    """A server process for the block; stopped (and waited for) after it."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        _wait_http(ready_url, proc)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _mlflow_server(backend: str, artifacts: Path, port: int):
@@ -98,7 +53,7 @@ def _mlflow_server(backend: str, artifacts: Path, port: int):
         "--workers",
         "1",
     ]
-    return _serving(cmd, f"http://127.0.0.1:{port}/health")
+    return serving(cmd, f"http://127.0.0.1:{port}/health")
 
 
 def _children_and_parents(client, experiment: str):
@@ -149,7 +104,7 @@ def test_two_workers_record_through_a_tracking_server(tracking_server, tmp_path,
     from mlflow.tracking import MlflowClient
 
     backend, storage, artifacts = tracking_server
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     with _mlflow_server(backend, artifacts, port):
         workers = [
@@ -193,7 +148,7 @@ def test_a_tracking_server_stopped_mid_sweep(tracking_server, tmp_path, experime
     from mlflow.tracking import MlflowClient
 
     backend, storage, artifacts = tracking_server
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     args = _server_sweep_args(
         experiment,
@@ -250,49 +205,6 @@ def test_a_tracking_server_stopped_mid_sweep(tracking_server, tmp_path, experime
 
 
 # --- 2. and 3. submitit and Ray -------------------------------------------------------------------
-@pytest.fixture
-def ray_cluster(tmp_path):
-    """A one-node Ray cluster started as docs/distributed.md tells users to: token
-    authentication on, with a token made for it (here in the test's own folder, not the home
-    directory). Yields its address and the environment a driver needs to reach it."""
-    ray = shutil.which("ray")
-    if ray is None:
-        pytest.fail("ray is not installed: pip install -e '.[ray]'")
-    token = tmp_path / "ray_auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="ray-")
-    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True, env={**os.environ, **env})
-    try:
-        yield f"127.0.0.1:{port}", env
-    finally:
-        _stop_processes_of(str(token))  # this cluster's only: `ray stop` ends every Ray here
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_processes_of(marker: str) -> None:
-    """SIGTERM, then SIGKILL after a grace, every process whose environment holds `marker`: the
-    cluster's processes inherit `ray start`'s (their command lines are renamed, `ray::…`)."""
-
-    def running() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in running():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while running() and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
 # Each launcher's overrides and the environment its sweep needs.
 LAUNCHERS = {
     "submitit_local": lambda _: (["hydra/launcher=submitit_local"], {}),
@@ -309,7 +221,7 @@ def launcher(request):
     return LAUNCHERS[request.param](cluster)
 
 
-def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher):  # noqa: F811
+def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher):
     overrides, env = launcher
     proc = run_cli(*sweep.args(*overrides, *PRUNING), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -335,7 +247,7 @@ def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher)
             assert history[-1].value == trial.value
 
 
-def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher):  # noqa: F811
+def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher):
     overrides, env = launcher
     args = sweep.args(
         *overrides,
@@ -377,19 +289,19 @@ def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher)
 
 
 # --- 4. optuna-dashboard --------------------------------------------------------------------------
-def test_optuna_dashboard_reads_the_study(sweep):  # noqa: F811
+def test_optuna_dashboard_reads_the_study(sweep):
     proc = sweep.run("hydra.sweeper.n_trials=3", "epochs=range(1, 3)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     dashboard = shutil.which("optuna-dashboard")
     assert dashboard, "optuna-dashboard is not installed: pip install -e '.[dashboard]'"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with _serving(
+    with serving(
         [dashboard, sweep.storage, "--host", "127.0.0.1", "--port", str(port)], f"{base}/api/meta"
     ):
-        studies = _get_json(f"{base}/api/studies")["study_summaries"]
+        studies = get_json(f"{base}/api/studies")["study_summaries"]
         [study] = [s for s in studies if s["study_name"] == sweep.study_name]
-        detail = _get_json(f"{base}/api/studies/{study['study_id']}")
+        detail = get_json(f"{base}/api/studies/{study['study_id']}")
     trials = sweep.trials()
     shown = {t["number"]: t for t in detail["trials"]}
     assert sorted(shown) == [t.number for t in trials]

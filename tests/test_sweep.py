@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,73 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep.tracking import store as tracking_store
-from tests.conftest import PRUNED_AND_COMPLETE, SMALL, model_of, run_cli, run_together, runs_of
-
-
-@pytest.fixture
-def sweep(tmp_path, mlflow_uri, experiment):
-    """Runs `-m` sweeps against a fresh study store and this test's MLflow experiment."""
-    tracking_store.prepare_experiment(mlflow_uri, experiment)
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    class Sweep:
-        def __init__(self):
-            self.storage, self.dir, self.study_name = storage, tmp_path / "multirun", "s"
-            self.mlflow_uri = mlflow_uri
-
-        def args(self, *extra: str) -> list[str]:
-            return [
-                "-m",
-                *SMALL,
-                f"hydra.sweeper.storage={self.storage}",
-                f"hydra.sweeper.study_name={self.study_name}",
-                f"hydra.sweep.dir={self.dir}",
-                f"mlflow.tracking_uri={mlflow_uri}",
-                f"mlflow.experiment={experiment}",
-                *extra,
-            ]
-
-        def run(self, *extra: str, timeout: int = 600):
-            return run_cli(*self.args(*extra), timeout=timeout)
-
-        def trials(self):
-            from lenet_sweep.sweep.storage import open_storage  # journal:/// too
-
-            storage_ = open_storage(self.storage)
-            study = optuna.load_study(study_name=self.study_name, storage=storage_)
-            return study.get_trials(deepcopy=False)
-
-        def wait_for(self, ready, timeout: float = 300) -> None:
-            """Poll the study until `ready(trials)`, e.g. once a trial has reported an epoch."""
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                time.sleep(0.1)
-                try:
-                    trials = self.trials()
-                except Exception:  # study not created yet
-                    continue
-                if ready(trials):
-                    return
-
-        def killed_when(self, ready, *extra: str) -> int:
-            """Start the sweep, kill -9 it once `ready(trials)`; returns its pid."""
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "lenet_sweep", *self.args(*extra)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            self.wait_for(ready)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return proc.pid
-
-        def runs(self):
-            _, runs = runs_of(mlflow_uri, experiment)
-            parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]
-            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-            return parents, children
-
-    return Sweep()
+from tests.conftest import PRUNED_AND_COMPLETE, model_of, run_together
 
 
 def _assert_one_line_per_trial(out: str, trials) -> None:
@@ -283,24 +216,6 @@ def test_joblib_launcher_runs_batches_in_processes(sweep):
     assert len(pids) == 1  # asked by the one sweep process; trained in joblib's workers
     _, children = sweep.runs()
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2, 3]
-
-
-@pytest.fixture
-def postgres_url():
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from tests.postgres import PostgresServer
-
-    # Not under pytest's tmp dir: that one is private to root, and the server runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
-    server = PostgresServer(root)
-    try:
-        yield server.start(password="s3cret-pw")
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -14,8 +14,6 @@ from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
 from tests.conftest import run_cli
-from tests.test_scale import ray_cluster  # noqa: F401 - a Ray cluster, as users start one
-from tests.test_sweep import postgres_url, sweep  # noqa: F401 - fixtures
 
 TWO_WORKERS = [
     "hydra/launcher=fused",
@@ -25,7 +23,7 @@ TWO_WORKERS = [
 ]
 
 
-def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
+def _check_every_trial_once(sweep, n: int) -> set[int]:
     """n trials complete, one parent with n children; returns the workers' pids."""
     trials = sweep.trials()
     shown = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
@@ -41,7 +39,7 @@ def _check_every_trial_once(sweep, n: int) -> set[int]:  # noqa: F811
 
 
 @pytest.mark.parametrize(("storage", "n"), [("sqlite", 8), ("journal", 16)])
-def test_two_workers_share_one_study(sweep, storage, n, tmp_path):  # noqa: F811
+def test_two_workers_share_one_study(sweep, storage, n, tmp_path):
     if storage == "journal":  # Optuna's JournalStorage in a file: workers on one host
         sweep.storage = f"journal:///{tmp_path / 'journal' / 'study.log'}"
     proc = sweep.run(*TWO_WORKERS, f"hydra.sweeper.n_trials={n}", "epochs=range(1, 4)")
@@ -54,7 +52,7 @@ def test_two_workers_share_one_study(sweep, storage, n, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres_url):  # noqa: F811
+def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres_url):
     sweep.storage = postgres_url  # the study's storage for the sweep and for reading it back
     proc = sweep.run(*TWO_WORKERS, "hydra.sweeper.n_trials=16", "epochs=range(1, 4)")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +60,7 @@ def test_two_workers_on_postgresql_train_sixteen_trials(sweep, postgres_url):  #
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_group_loses_no_trial(sweep):  # noqa: F811
+def test_a_worker_killed_mid_group_loses_no_trial(sweep):
     args = sweep.args(*TWO_WORKERS, "hydra.sweeper.n_trials=16", "epochs=range(2, 5)")
     driver = subprocess.Popen(
         [sys.executable, "-m", "lenet_sweep", *args],
@@ -95,7 +93,7 @@ def test_a_worker_killed_mid_group_loses_no_trial(sweep):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["submitit_local", "ray"])
-def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres_url, engine, request):  # noqa: F811
+def test_workers_through_an_engine_train_sixteen_trials(sweep, postgres_url, engine, request):
     """The same workers as submitit jobs (a job array of 2) and as tasks of a Ray cluster
     (`ray start --head`, 2 tasks), the study on PostgreSQL."""
     sweep.storage = postgres_url
@@ -129,7 +127,7 @@ def test_slurm_workers_ask_a_gpu_each_and_take_the_users_parameters():
         resolve(["tpu"])
 
 
-def test_the_slurm_workers_command_composes(sweep):  # noqa: F811
+def test_the_slurm_workers_command_composes(sweep):
     """docs/distributed.md's SLURM command, its launcher config as Hydra composes it."""
     proc = run_cli(
         *sweep.args(

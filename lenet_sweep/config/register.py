@@ -1,5 +1,5 @@
 """What Hydra needs before it composes: the schema in its ConfigStore, and the resolvers
-lenet_sweep/conf/config.yaml uses."""
+conf/config.yaml uses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lenet_sweep.config.schema import RunConfig
 
 
 def register() -> None:
-    """Store the schema (lenet_sweep/conf/config.yaml extends it) and the resolvers.
+    """Store the schema (conf/config.yaml extends it) and the resolvers.
 
     Called where the Hydra app is defined (lenet_sweep.cli), as Hydra's docs do, and by
     anything that composes the config itself (the tests).

@@ -1,4 +1,4 @@
-"""The run's schema: structured configs in Hydra's ConfigStore (lenet_sweep/conf/config.yaml extends it).
+"""The run's schema: structured configs in Hydra's ConfigStore (conf/config.yaml extends it).
 
 Hydra (through OmegaConf) enforces each knob's type while it composes; `checks.validate` adds
 the ranges each knob declares here, next to its type.
@@ -63,7 +63,7 @@ class TrialConf:
 
 @dataclass
 class RunConfig:
-    """The top-level knobs of one training run (defaults and comments: lenet_sweep/conf/config.yaml)."""
+    """The top-level knobs of one training run (defaults and comments: conf/config.yaml)."""
 
     model: Any = MISSING
     optimizer: Any = MISSING

@@ -72,6 +72,7 @@ class FusedLaunch:
             settings["stale_after"] = sweeper.get("grace_period", 30) + sweeper.get(
                 "heartbeat_interval", 10
             )
+            settings["sweep_dir"] = str(self.config.hydra.sweep.dir)  # submitit's folder in it
             workers.run(devices, settings.get("engine") or "local", settings)
             return
         self._begin()

@@ -67,7 +67,8 @@ def run(devices: list[str], engine: str = "local", settings=None) -> None:
         elif engine == "ray":
             codes = _ray(devices, (settings or {}).get("ray") or {})
         else:
-            codes = _submitit(devices, engine, (settings or {}).get("submitit") or {})
+            folder = os.path.join((settings or {}).get("sweep_dir") or os.getcwd(), ".submitit")
+            codes = _submitit(devices, engine, (settings or {}).get("submitit") or {}, folder)
         if all(code == 0 for code in codes):
             return
         if 5 in codes:
@@ -129,11 +130,12 @@ def _remote_args(device: str) -> tuple[list[str], dict[str, str], str]:
 KILLED = -9  # what a worker its engine lost (preempted, cancelled, its node gone) counts as
 
 
-def _submitit(devices: list[str], engine: str, settings) -> list[int]:
-    """The workers as a submitit job array (on SLURM: one GPU a job for cuda devices)."""
+def _submitit(devices: list[str], engine: str, settings, folder: str) -> list[int]:
+    """The workers as a submitit job array (on SLURM: one GPU a job for cuda devices); its
+    folder `submitit_folder`, else `folder` (under the sweep dir)."""
     import submitit
 
-    folder = settings.get("submitit_folder") or os.path.join(os.getcwd(), ".submitit", "%j")
+    folder = settings.get("submitit_folder") or os.path.join(folder, "%j")
     cluster = "local" if engine == "submitit_local" else "slurm"
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**submitit_parameters(devices, engine, settings))

@@ -26,7 +26,7 @@ from lenet_sweep.sweep.search_space import grid_choices, parse
 log = logging.getLogger("lenet_sweep.sweep")
 
 
-# A study's name names its sweep dir too (lenet_sweep/conf/config.yaml): a plain name keeps it inside.
+# A study's name names its sweep dir too (conf/config.yaml): a plain name keeps it inside.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

@@ -1,6 +1,6 @@
-"""Issue 26's faults that lose data or mislead, each reproduced on real stores: runs started in
-the same second, a study name used as a path, an unchecked fused group size, warm starts that
-filled the budget and ran nothing."""
+"""Run dirs, study names and study files, each on real stores: runs started in the same second get
+a dir each, a study name is a plain name (it names a folder), a fused group size below one and a
+damaged Optuna file are refused, warm starts that fill the budget run."""
 
 from __future__ import annotations
 

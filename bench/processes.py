@@ -30,9 +30,9 @@ def _timed(args: list[str], env: dict | None = None) -> tuple[float, int]:
 def _make_stores(mlflow_uri: str, optuna_url: str | None = None) -> None:
     """The stores' tables (and the experiment), as a run or sweep before this one would have
     left them: making them is a one-off, not start-up."""
-    from lenet_sweep.tracking import store
+    from lenet_sweep.tracking import backend
 
-    store.prepare_experiment(mlflow_uri, "lenet_sweep")
+    backend.prepare_experiment(mlflow_uri, "lenet_sweep")
     if optuna_url:
         import optuna
 

@@ -12,6 +12,7 @@ from torch import nn
 from lenet_sweep import speed
 from lenet_sweep.core.data import FILES, _decompressed, _find, load_splits
 from lenet_sweep.core.models import init_xavier, lenet
+from lenet_sweep.core.state import StepSpec, TrainSpec
 
 LR, BATCH = 0.9, 256
 SWEEP_TIMEOUT_S = 240
@@ -139,25 +140,16 @@ def _net(seed: int, device):
 
 def solo(name: str, epochs: int, device, graphed: bool, autocast=None) -> dict:
     from lenet_sweep.core.train import train
-    from lenet_sweep.fused.engine import train_graphed
+    from lenet_sweep.fused.trainer import train_graphed
 
-    train_split, test_split = _splits(device)
+    data = _splits(device)
     _reset_peak(device)
     start = time.perf_counter()
     net, optimizer = _net(42, device)
     trainer = train_graphed if graphed else train
+    spec = TrainSpec(batch_size=BATCH, progress=False, autocast=autocast, epochs=epochs, seed=42)
     with speed.training([net], device):  # as a run trains
-        result = trainer(
-            net,
-            optimizer,
-            train_split,
-            test_split,
-            epochs=epochs,
-            batch_size=BATCH,
-            seed=42,
-            progress=False,
-            autocast=autocast,
-        )
+        result = trainer(net, optimizer, data, spec)
     wall = time.perf_counter() - start
     return _row(
         name,
@@ -172,16 +164,14 @@ def solo(name: str, epochs: int, device, graphed: bool, autocast=None) -> dict:
 
 
 def fused(k: int, epochs: int, device, autocast=None) -> dict:
-    from lenet_sweep.fused.engine import Member, train_group
+    from lenet_sweep.fused.trainer import Member, train_group
 
-    train_split, test_split = _splits(device)
+    data = _splits(device)
     _reset_peak(device)
     start = time.perf_counter()
     members = [Member(*_net(42 + i, device), epochs=epochs, seed=42 + i) for i in range(k)]
     with speed.training([m.net for m in members], device):  # as a fused launch trains
-        train_group(
-            members, train_split, test_split, batch_size=BATCH, graph=True, autocast=autocast
-        )
+        train_group(members, data, StepSpec(batch_size=BATCH, graph=True, autocast=autocast))
     wall = time.perf_counter() - start
     accs = [m.result.final["test_acc"] for m in members]
     seen = sum(m.result.examples_seen for m in members)

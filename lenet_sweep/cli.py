@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lenet_sweep import CONFIG_DIR, config, errors
 from lenet_sweep.errors import UserError, exit_with
 from lenet_sweep.signals import Terminated
-from lenet_sweep.tracking import store
+from lenet_sweep.tracking import backend
 
 # The schema conf/config.yaml extends, stored where the app is defined (as Hydra's docs do), so
 # that launcher processes that import this module to run `main` have it too.
@@ -176,7 +176,7 @@ def _cli() -> None:
     # The user's own setting decides whether we show tracebacks.
     errors.show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    store.configure_env()
+    backend.configure_env()
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from lenet_sweep import CONFIG_DIR, PROJECT_ROOT
 from lenet_sweep import config as lenet_config
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.servers import free_port, stop_processes_of
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -39,10 +39,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One sqlite store for the session (creating one costs seconds); tests use own experiments."""
-    from lenet_sweep.tracking import store as tracking_store
+    from lenet_sweep.tracking import backend as tracking_backend
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking_store.prepare_experiment(uri, "warmup")
+    tracking_backend.prepare_experiment(uri, "warmup")
     return uri
 
 
@@ -132,7 +132,7 @@ PRUNED_AND_COMPLETE = [
 @pytest.fixture
 def sweep(tmp_path, mlflow_uri, experiment):
     """Runs `-m` sweeps against a fresh study store and this test's MLflow experiment."""
-    tracking_store.prepare_experiment(mlflow_uri, experiment)
+    tracking_backend.prepare_experiment(mlflow_uri, experiment)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     class Sweep:
@@ -156,7 +156,7 @@ def sweep(tmp_path, mlflow_uri, experiment):
             return run_cli(*self.args(*extra), timeout=timeout)
 
         def trials(self):
-            from lenet_sweep.sweep.storage import open_storage  # journal:/// too
+            from lenet_sweep.sweep.study_db import open_storage  # journal:/// too
 
             storage_ = open_storage(self.storage)
             study = optuna.load_study(study_name=self.study_name, storage=storage_)

@@ -100,13 +100,13 @@ def test_logging_a_model_skips_mlflows_scan_of_installed_packages(
     from mlflow.utils import environment, requirements_utils
 
     from lenet_sweep.core.models import lenet
-    from lenet_sweep.tracking import store as tracking_store
+    from lenet_sweep.tracking import backend as tracking_backend
     from lenet_sweep.tracking.runs import TrackedRun
 
     # MLflow fills this map (every installed distribution's files, ~0.5 s) on its first check.
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     check = environment.warn_dependency_requirement_mismatches
-    exp = tracking_store.prepare_experiment(mlflow_uri, experiment)
+    exp = tracking_backend.prepare_experiment(mlflow_uri, experiment)
     with TrackedRun(mlflow_uri, exp, "model only", {}, None) as run:
         run.log_model(lenet(), step=1)
     assert requirements_utils._MODULES_TO_PACKAGES is None  # the scan never ran

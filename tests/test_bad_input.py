@@ -200,10 +200,10 @@ def test_unwritable_artifacts_are_refused_before_training(tmp_path):
 
 
 def test_a_deleted_experiment_is_named_with_the_fix(tmp_path, mlflow_uri, experiment):
-    from lenet_sweep.tracking import store as tracking_store
+    from lenet_sweep.tracking import backend as tracking_backend
 
-    client = tracking_store.client(mlflow_uri)
-    client.delete_experiment(tracking_store.prepare_experiment(mlflow_uri, "fresh-" + experiment))
+    client = tracking_backend.client(mlflow_uri)
+    client.delete_experiment(tracking_backend.prepare_experiment(mlflow_uri, "fresh-" + experiment))
     common = [f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment=fresh-{experiment}"]
     single = run_cli(*TINY, *common, f"hydra.run.dir={tmp_path / 'r'}")
     sweep = run_cli(

@@ -11,7 +11,8 @@ import torch
 from lenet_sweep.config import identity_text as identity
 from lenet_sweep.core import checkpoint
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import load_split
+from lenet_sweep.core.data import Splits, load_split
+from lenet_sweep.core.state import TrainSpec
 from lenet_sweep.core.train import train
 from lenet_sweep.errors import UserError
 from lenet_sweep.job.job import build_model as build
@@ -28,12 +29,10 @@ def _saved_after(cfg, epochs: int, path):
     return train(
         net,
         opt,
-        *_splits(cfg),
-        epochs=epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=False,
-        hooks=[hook],
+        Splits(*_splits(cfg)),
+        TrainSpec(
+            epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed, progress=False, hooks=[hook]
+        ),
     )
 
 
@@ -48,12 +47,8 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(make_cfg, tmp_path):
     resumed = train(
         net,
         opt,
-        *_splits(cfg),
-        epochs=3,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=False,
-        resume=saved,
+        Splits(*_splits(cfg)),
+        TrainSpec(epochs=3, batch_size=cfg.batch_size, seed=cfg.seed, progress=False, resume=saved),
     )
     straight = _saved_after(cfg, 3, tmp_path / "other.pt")
     assert resumed.history == straight.history  # bit-identical on CPU

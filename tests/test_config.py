@@ -236,8 +236,8 @@ def test_a_launcher_whose_plugin_is_missing_names_the_extra(plugin, launcher, pa
 def test_cause_chains_that_loop_back_are_walked_once():
     # An error re-raised "from" itself: every walker of its causes ends (the CLI once hung here).
     from lenet_sweep.config import RunConfig, knob_error, knobs
+    from lenet_sweep.db_files import store_file
     from lenet_sweep.errors import Outage, causes, outage
-    from lenet_sweep.stores import store_file
 
     down = Outage("the store is away")
     down.__cause__ = down

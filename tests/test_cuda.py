@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import load_split
+from lenet_sweep.core.data import Splits, load_split
 from lenet_sweep.core.hooks import save_checkpoint
+from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
-from lenet_sweep.fused.engine import Member, train_graphed, train_group
+from lenet_sweep.fused.trainer import Member, train_graphed, train_group
 from lenet_sweep.job.job import build_model as build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,12 +32,8 @@ def _run(trainer, cfg, splits, device, epochs, **kw):
     return trainer(
         net,
         optimizer,
-        *splits,
-        epochs=epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=False,
-        **kw,
+        Splits(*splits),
+        TrainSpec(epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed, progress=False, **kw),
     )
 
 
@@ -71,7 +68,9 @@ def test_fused_member_matches_its_solo_cpu_run(make_cfg):
     def on_leave(member):
         handed_over[id(member)] = [p.cpu() for p in member.net.parameters()]
 
-    train_group(members, *splits, batch_size=cfg.batch_size, graph=True, on_leave=on_leave)
+    train_group(
+        members, Splits(*splits), StepSpec(batch_size=cfg.batch_size, graph=True), on_leave=on_leave
+    )
     for m in members:  # what on_leave read is the member's final state, not a stale copy
         assert all(
             torch.equal(a, b.cpu())
@@ -125,8 +124,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from lenet_sweep import CONFIG_DIR, config
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import load_split
-from lenet_sweep.fused.engine import train_graphed
+from lenet_sweep.core.data import load_splits
+from lenet_sweep.core.state import TrainSpec
+from lenet_sweep.fused.trainer import train_graphed
 from lenet_sweep.job.job import build_model as build
 config.register()
 with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -134,9 +134,9 @@ with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
 cuda = torch.device("cuda:0")
 net, opt = build(cfg, cuda)
 saved = []
-train_graphed(net, opt, load_split(cfg.data, True, cuda), load_split(cfg.data, False, cuda),
-              epochs=2, batch_size=256, seed=0, progress=False,
-              hooks=[lambda state: saved.append(Checkpoint.capture(state))])
+train_graphed(net, opt, load_splits(cfg.data, cuda),
+              TrainSpec(epochs=2, batch_size=256, seed=0, progress=False,
+                        hooks=[lambda state: saved.append(Checkpoint.capture(state))]))
 print(len(saved), type(opt).__module__, sorted(saved[-1].optimizer))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -147,7 +147,7 @@ print(len(saved), type(opt).__module__, sorted(saved[-1].optimizer))
 def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
     """Refill on CUDA: a newcomer written into a freed slot trains, without a recapture, as its
     run alone (graphed) does: its own init, lr, optimizer state and shuffle."""
-    from lenet_sweep.fused.engine import Occupancy
+    from lenet_sweep.fused.trainer import Occupancy
 
     cfg, *splits = _setup(make_cfg, CUDA, "data.train_size=4096", "data.test_size=1024")
     specs = [(0.9, 1, 1), (0.3, 2, 3), (0.5, 3, 2), (0.1, 4, 2)]  # lr, seed, epochs
@@ -158,9 +158,8 @@ def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
     queue, occupancy = members[2:], Occupancy()
     train_group(
         members[:2],
-        *splits,
-        batch_size=256,
-        graph=True,
+        Splits(*splits),
+        StepSpec(batch_size=256, graph=True),
         refill=lambda slot: queue.pop(0) if queue else None,
         occupancy=occupancy,
     )

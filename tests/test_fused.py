@@ -14,15 +14,16 @@ from optuna.trial import TrialState
 
 from lenet_sweep import signals
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import load_split
+from lenet_sweep.core.data import Splits, load_split
 from lenet_sweep.core.hooks import Diverged, save_checkpoint, stop_on_divergence
+from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
-from lenet_sweep.fused import engine, epoch
-from lenet_sweep.fused.engine import Member, train_group
+from lenet_sweep.fused import epoch, trainer
 from lenet_sweep.fused.epoch import Epoch
 from lenet_sweep.fused.group import Group
+from lenet_sweep.fused.trainer import Member, train_group
 from lenet_sweep.job.job import build_model as build
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import PRUNED_AND_COMPLETE, model_of
 
 CPU = torch.device("cpu")
@@ -51,9 +52,16 @@ def test_each_member_follows_its_run_alone(trial):
         members.append(Member(net, optimizer, epochs=epochs, seed=seed))
         _, net, optimizer = make(lr, seed)
         alone.append(
-            train(net, optimizer, *splits, epochs=epochs, batch_size=256, seed=seed, progress=False)
+            train(
+                net,
+                optimizer,
+                Splits(*splits),
+                TrainSpec(epochs=epochs, batch_size=256, seed=seed, progress=False),
+            )
         )
-    train_group(members, *splits, batch_size=256, graph=True)  # graph: ignored on CPU
+    train_group(
+        members, Splits(*splits), StepSpec(batch_size=256, graph=True)
+    )  # graph: ignored on CPU
     for member, solo in zip(members, alone, strict=True):
         fused = member.result.history
         assert [h["epoch"] for h in fused] == [h["epoch"] for h in solo.history]
@@ -75,15 +83,15 @@ def test_bf16_members_follow_their_bf16_runs_alone(trial):
             train(
                 net,
                 optimizer,
-                *splits,
-                epochs=2,
-                batch_size=256,
-                seed=seed,
-                progress=False,
-                autocast=torch.bfloat16,
+                Splits(*splits),
+                TrainSpec(
+                    epochs=2, batch_size=256, seed=seed, progress=False, autocast=torch.bfloat16
+                ),
             )
         )
-    train_group(members, *splits, batch_size=256, graph=False, autocast=torch.bfloat16)
+    train_group(
+        members, Splits(*splits), StepSpec(batch_size=256, graph=False, autocast=torch.bfloat16)
+    )
     for member, solo in zip(members, alone, strict=True):
         fused = member.result.history
         assert math.isclose(fused[0]["train_loss"], solo.history[0]["train_loss"], rel_tol=1e-3)
@@ -98,7 +106,7 @@ def test_a_diverging_member_fails_alone(trial):
         members.append(
             Member(net, optimizer, epochs=2, seed=seed, hooks=[stop_on_divergence(23.0)])
         )
-    train_group(members, *splits, batch_size=256, graph=False)
+    train_group(members, Splits(*splits), StepSpec(batch_size=256, graph=False))
     assert isinstance(members[1].error, Diverged) and len(members[1].result.history) == 1
     assert [m.error for m in (members[0], members[2])] == [None, None]
     assert [len(m.result.history) for m in (members[0], members[2])] == [2, 2]
@@ -115,12 +123,14 @@ def test_a_member_is_handed_over_as_it_leaves_while_the_others_train(trial):
     def on_leave(member):  # what the other member had done by then, and the leaver's weights
         left.append((member, len(members[1].result.history), member.net[0].weight.clone()))
 
-    train_group(members, *splits, batch_size=256, graph=False, on_leave=on_leave)
+    train_group(members, Splits(*splits), StepSpec(batch_size=256, graph=False), on_leave=on_leave)
     assert [(id(m), seen) for m, seen, _ in left] == [(id(members[0]), 1), (id(members[1]), 3)]
     # The leaver's net holds its own final weights, untouched by the epochs trained after it.
     assert torch.equal(left[0][2], members[0].net[0].weight)
     _, net, optimizer = make(0.9, 1)
-    train(net, optimizer, *splits, epochs=1, batch_size=256, seed=1, progress=False)
+    train(
+        net, optimizer, Splits(*splits), TrainSpec(epochs=1, batch_size=256, seed=1, progress=False)
+    )
     assert torch.allclose(members[0].net[0].weight, net[0].weight, atol=1e-5)
 
 
@@ -149,7 +159,7 @@ def test_a_stop_request_launches_no_further_epoch(trial, tmp_path, monkeypatch, 
             pytest.raises(signals.Terminated),
             signals.stop_on_signals(),
         ):
-            train_group([member], *splits, batch_size=256, graph=False)
+            train_group([member], Splits(*splits), StepSpec(batch_size=256, graph=False))
     finally:
         logging.getLogger("lenet_sweep.core.train").removeHandler(handler)
     assert len(launches) == 1
@@ -161,7 +171,7 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
     make, splits = trial
     _, net, optimizer = make(0.9, 5)
     whole = Member(net, optimizer, epochs=3, seed=5)
-    train_group([whole], *splits, batch_size=256, graph=False)
+    train_group([whole], Splits(*splits), StepSpec(batch_size=256, graph=False))
 
     def stop_after_one(state):
         if state.epoch == 1:
@@ -171,11 +181,15 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
     _, net, optimizer = make(0.9, 5)
     hooks = [save_checkpoint(path), stop_after_one]
     with pytest.raises(KeyboardInterrupt):
-        train_group([Member(net, optimizer, 3, 5, hooks)], *splits, batch_size=256, graph=False)
+        train_group(
+            [Member(net, optimizer, 3, 5, hooks)],
+            Splits(*splits),
+            StepSpec(batch_size=256, graph=False),
+        )
     checkpoint = Checkpoint(**torch.load(path, weights_only=True))
     _, net, optimizer = make(0.9, 5)
     resumed = Member(net, optimizer, 3, 5, resume=checkpoint)
-    train_group([resumed], *splits, batch_size=256, graph=False)
+    train_group([resumed], Splits(*splits), StepSpec(batch_size=256, graph=False))
     assert resumed.result.history == whole.result.history
 
 
@@ -200,7 +214,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
     assert sum(s == TrialState.COMPLETE for s in states.values()) == 6
     parents, children = sweep.runs()
     assert len(parents) == 1 and len(children) == 8
-    client = tracking_store.client(sweep.mlflow_uri)
+    client = tracking_backend.client(sweep.mlflow_uri)
     groups = {r.data.tags["lenet_sweep.fused_group"].split()[0] for r in children}
     assert len(groups) == 1  # one batch, one group
     for run in children:
@@ -379,13 +393,13 @@ def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
         members = [
             Member(*make(lr, seed)[1:], epochs=1, seed=seed) for lr, seed in [(0.9, 1), (0.1, 2)]
         ]
-        group = Group.stack(engine._start(members, CPU), n, CPU)
+        group = Group.stack(trainer.start_members(members, CPU), n, CPU)
         group.perm.copy_(
             torch.stack(
                 [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
             )
         )
-        epochs.append(Epoch(group, train_split, test_split, batch, graph=False))
+        epochs.append(Epoch(group, Splits(train_split, test_split), StepSpec(batch_size=batch)))
     epochs[0]._train_steps()
     for steps, b, times in epoch.replay_plan(n, batch):
         for _ in range(times):
@@ -393,7 +407,8 @@ def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
     assert epochs[1].cursor.item() == n
     eager, graphs = (e.group.state_tensors() for e in epochs)
     assert all(torch.equal(x, y) for x, y in zip(eager, graphs, strict=True))
-    assert torch.equal(epochs[0].group.sums, epochs[1].group.sums)
+    eager_sums, graph_sums = (e.group.sums for e in epochs)
+    assert all(torch.equal(eager_sums[k], graph_sums[k]) for k in eager_sums)
 
 
 class _TwoLayer(torch.nn.Module):  # not a Sequential: the fused trainer vmaps it
@@ -416,9 +431,14 @@ def test_any_other_net_trains_fused_through_vmap(trial):
     members = [
         Member(net, opt, epochs=2, seed=s) for (net, opt), s in zip(members, (1, 2), strict=True)
     ]
-    train_group(members, *splits, batch_size=256, graph=False)
+    train_group(members, Splits(*splits), StepSpec(batch_size=256, graph=False))
     for member, (net, opt), seed in zip(members, alone, (1, 2), strict=True):
-        solo = train(net, opt, *splits, epochs=2, batch_size=256, seed=seed, progress=False)
+        solo = train(
+            net,
+            opt,
+            Splits(*splits),
+            TrainSpec(epochs=2, batch_size=256, seed=seed, progress=False),
+        )
         fused = member.result.history[0]["train_loss"]
         assert math.isclose(fused, solo.history[0]["train_loss"], rel_tol=1e-4)
 

@@ -13,7 +13,8 @@ from lenet_sweep import speed
 ROUNDS = """
 import resource, sys, torch
 from lenet_sweep import speed
-from lenet_sweep.core.data import Split
+from lenet_sweep.core.data import Split, Splits
+from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.models import lenet
 from torch.optim import SGD
 split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
@@ -22,13 +23,13 @@ cpu = torch.device("cpu")
 if sys.argv[1] == "train":
     from lenet_sweep.core.train import train
     with speed.training(nets[:1], cpu):  # as a run's job trains
-        train(nets[0], SGD(nets[0].parameters(), lr=0.1), split, split, epochs=1, batch_size=32,
-              seed=0, progress=False)
+        train(nets[0], SGD(nets[0].parameters(), lr=0.1), Splits(split, split),
+              TrainSpec(epochs=1, batch_size=32, seed=0, progress=False))
 if sys.argv[1] == "fused":
-    from lenet_sweep.fused.engine import Member, train_group
+    from lenet_sweep.fused.trainer import Member, train_group
     members = [Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0) for net in nets]
     with speed.training(nets, cpu):  # as the fused launch trains
-        train_group(members, split, split, batch_size=32, graph=False)
+        train_group(members, Splits(split, split), StepSpec(batch_size=32))
 mb = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 def round():
     blocks = [torch.ones(mb * 2**18) for _ in range(3)]  # every page written

@@ -9,7 +9,7 @@ from lenet_sweep import PROJECT_ROOT
 PACKAGES = ("lenet_sweep", "hydra_plugins")
 # Each folder (or base module) by its layer: a module imports only from its own layer or below.
 LAYERS = {
-    "lenet_sweep": 0, "errors": 0, "signals": 0, "speed": 0, "stores": 0,
+    "lenet_sweep": 0, "errors": 0, "signals": 0, "speed": 0, "db_files": 0, "process": 0,
     "config": 1, "core": 2, "tracking": 3, "fused": 3, "sweep": 4, "job": 5,
     "cli": 6, "__main__": 6, "bench": 6,
 }  # fmt: skip

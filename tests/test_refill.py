@@ -10,11 +10,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lenet_sweep.core.data import load_split
+from lenet_sweep.core.data import Splits, load_split
+from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
-from lenet_sweep.fused.engine import Member, Occupancy, train_group
+from lenet_sweep.fused.trainer import Member, Occupancy, train_group
 from lenet_sweep.job.job import build_model as build
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import SMALL, run_cli
 
 CPU = torch.device("cpu")
@@ -62,7 +63,9 @@ def test_each_freed_slot_takes_the_next_trial_at_the_next_boundary(make, optimiz
 
     first, queue[:] = queue[:4], queue[4:]
     hooks = {"on_leave": on_leave, "refill": refill}
-    train_group(first, *splits, batch_size=256, graph=False, **hooks, occupancy=occupancy)
+    train_group(
+        first, Splits(*splits), StepSpec(batch_size=256, graph=False), **hooks, occupancy=occupancy
+    )
     assert [len(m.result.history) for m in members] == EPOCHS
     # Each of the first eight departures (the study still had trials) refilled its own slot at
     # the same boundary; the ninth found the queue empty: the tail began.
@@ -73,7 +76,12 @@ def test_each_freed_slot_takes_the_next_trial_at_the_next_boundary(make, optimiz
     # A refilled member trains as its run alone: its own init, optimizer state, lr and shuffle.
     for (lr, seed, epochs), member in list(zip(specs, members, strict=True))[4:8]:
         net, opt = make(lr, seed, f"optimizer={optimizer}")
-        solo = train(net, opt, *splits, epochs=epochs, batch_size=256, seed=seed, progress=False)
+        solo = train(
+            net,
+            opt,
+            Splits(*splits),
+            TrainSpec(epochs=epochs, batch_size=256, seed=seed, progress=False),
+        )
         fused = member.result.history
         assert math.isclose(fused[0]["train_loss"], solo.history[0]["train_loss"], rel_tol=1e-4)
         assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
@@ -101,7 +109,7 @@ def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):
     assert {r.data.tags["lenet_sweep.fused_group"].split("(")[1] for r in runs.values()} == {
         f"slot {k} of 4)" for k in range(1, 5)
     }
-    client = tracking_store.client(sweep.mlflow_uri)
+    client = tracking_backend.client(sweep.mlflow_uri)
     for t in trials:
         run = runs[t.number]
         assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == t.state.name

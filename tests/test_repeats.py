@@ -10,7 +10,7 @@ import statistics
 import pytest
 from optuna.trial import TrialState
 
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import SMALL, run_cli
 
 REPEATED = [
@@ -38,7 +38,7 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     _, children = sweep.runs()
     assert len(children) == 4  # one run a trial, its seeds inside
-    client = tracking_store.client(sweep.mlflow_uri)
+    client = tracking_backend.client(sweep.mlflow_uri)
     for run in children:
         t = trials[int(run.data.tags["optuna.trial_number"])]
         seeds = _seeds_of(run)

@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lenet_sweep.sweep import protocol
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import PRUNED_AND_COMPLETE, SMALL, model_of, run_cli, run_together
 from tests.servers import free_port, get_json, serving
 
@@ -236,9 +236,9 @@ def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher)
     _, children = sweep.runs()
     assert len(children) == 4
     sweeper_pid = str(trials[0].user_attrs[protocol.WORKER_PID])
-    job_pids = {r.data.tags[tracking_store.TAG_PID] for r in children}
+    job_pids = {r.data.tags[tracking_backend.TAG_PID] for r in children}
     assert sweeper_pid not in job_pids  # every job ran in a process of the launcher's
-    client = tracking_store.client(sweep.mlflow_uri)
+    client = tracking_backend.client(sweep.mlflow_uri)
     for run in children:
         trial = trials[int(run.data.tags[protocol.TAG_TRIAL_NUMBER])]
         history = client.get_metric_history(run.info.run_id, "test_acc")
@@ -263,7 +263,7 @@ def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher)
         text=True,
         env={**os.environ, **env},
     )
-    client, killed = tracking_store.client(sweep.mlflow_uri), None
+    client, killed = tracking_backend.client(sweep.mlflow_uri), None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline:
         time.sleep(0.2)
@@ -271,7 +271,7 @@ def test_launcher_job_killed_fails_its_trial_and_a_new_one_runs(sweep, launcher)
         for run in children:
             if client.get_metric_history(run.info.run_id, "test_acc"):  # an epoch done: kill it
                 killed = int(run.data.tags[protocol.TAG_TRIAL_NUMBER])
-                os.kill(int(run.data.tags[tracking_store.TAG_PID]), signal.SIGKILL)
+                os.kill(int(run.data.tags[tracking_backend.TAG_PID]), signal.SIGKILL)
                 break
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-3000:]

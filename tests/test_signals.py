@@ -13,7 +13,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import SMALL, run_cli, runs_of
 
 ARGS = [*SMALL, "epochs=5", "data.train_size=3000"]
@@ -131,7 +131,7 @@ def test_diverging_run_stops_failed_with_tag(tmp_path, mlflow_uri, experiment):
 
 @pytest.fixture
 def sweep_args(tmp_path, mlflow_uri, experiment):
-    tracking_store.prepare_experiment(mlflow_uri, experiment)
+    tracking_backend.prepare_experiment(mlflow_uri, experiment)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def _args(*extra):

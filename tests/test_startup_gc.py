@@ -18,20 +18,21 @@ if sys.argv[1] != "plain":
 import torch, mlflow, mlflow.store.tracking.sqlalchemy_store, matplotlib.figure
 print(full[0], *gc.get_threshold())
 from lenet_sweep import speed
-from lenet_sweep.core.data import Split
+from lenet_sweep.core.data import Split, Splits
+from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.models import lenet
 from torch.optim import SGD
 split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
 net = lenet()
 with speed.training([net], torch.device("cpu")):  # as a job trains
     if sys.argv[1] == "fused":
-        from lenet_sweep.fused.engine import Member, train_group
-        train_group([Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0)], split, split,
-                    batch_size=32, graph=False)
+        from lenet_sweep.fused.trainer import Member, train_group
+        train_group([Member(net, SGD(net.parameters(), lr=0.1), epochs=1, seed=0)],
+                    Splits(split, split), StepSpec(batch_size=32))
     else:
         from lenet_sweep.core.train import train
-        train(net, SGD(net.parameters(), lr=0.1), split, split, epochs=1, batch_size=32, seed=0,
-              progress=False)
+        train(net, SGD(net.parameters(), lr=0.1), Splits(split, split),
+              TrainSpec(epochs=1, batch_size=32, seed=0, progress=False))
 print(*gc.get_threshold(), gc.get_freeze_count())
 """
 

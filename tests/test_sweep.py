@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import PRUNED_AND_COMPLETE, model_of, run_together
 
 
@@ -73,7 +73,7 @@ def test_sweep_records_study_parent_and_children(sweep):
     best_child = by_number[best.number]
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
     assert parent.data.tags["best_model_uri"] == f"runs:/{best_child.info.run_id}/model"
-    model, files = model_of(tracking_store.client(sweep.mlflow_uri), best_child)
+    model, files = model_of(tracking_backend.client(sweep.mlflow_uri), best_child)
     assert files == ["MLmodel", "conda.yaml", "data", "python_env.yaml", "requirements.txt"]
     assert parent.data.tags["best_model_id"] == model.model_id
     assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
@@ -81,7 +81,9 @@ def test_sweep_records_study_parent_and_children(sweep):
     again = sweep.run(*args, "hydra.sweeper.register_model=lenet-best")
     assert again.returncode == 0 and len(sweep.trials()) == 3 and len(sweep.runs()[1]) == 3
     # The best model registered once (opt-in), as a version of the name given.
-    [version] = tracking_store.client(sweep.mlflow_uri).search_model_versions("name = 'lenet-best'")
+    [version] = tracking_backend.client(sweep.mlflow_uri).search_model_versions(
+        "name = 'lenet-best'"
+    )
     assert (version.run_id, version.source) == (best_child.info.run_id, f"models:/{model.model_id}")
     assert sweep.runs()[0][0].data.tags["registered_model"] == "lenet-best/1"
 
@@ -109,7 +111,9 @@ def test_multi_objective_sweep_records_the_pareto_front(sweep):
     assert sorted(s["number"] for s in results["solutions"]) == front
     parents, _ = sweep.runs()
     assert parents[0].data.tags["pareto_trials"] == ",".join(map(str, front))
-    plots = tracking_store.client(sweep.mlflow_uri).list_artifacts(parents[0].info.run_id, "plots")
+    plots = tracking_backend.client(sweep.mlflow_uri).list_artifacts(
+        parents[0].info.run_id, "plots"
+    )
     assert "plots/pareto_front.png" in {a.path for a in plots}
 
 
@@ -166,7 +170,7 @@ def test_pruned_trial_stops_early_and_is_marked(sweep):
     pruned = [r for r in children if r.data.tags.get("optuna.trial_state") == "PRUNED"]
     assert len(pruned) == 1 and pruned[0].data.tags["pruned_at_epoch"] == "1"
     assert pruned[0].data.metrics["epochs_run"] == 1 and pruned[0].info.status == "FINISHED"
-    client = tracking_store.client(sweep.mlflow_uri)
+    client = tracking_backend.client(sweep.mlflow_uri)
     assert [m.step for m in client.get_metric_history(pruned[0].info.run_id, "test_acc")] == [1]
     assert [t.state for t in sweep.trials() if t.params["lr"] == 1e-07][0] == TrialState.PRUNED
 

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from lenet_sweep.core.data import load_split
+from lenet_sweep.core.data import Splits, load_split
+from lenet_sweep.core.state import TrainSpec
 from lenet_sweep.core.train import train
 from lenet_sweep.job.job import build_model as build
 
@@ -12,7 +13,7 @@ def _train(cfg, **kw):
     splits = [load_split(cfg.data, train=t, device=device) for t in (True, False)]
     net, opt = build(cfg, device)
     kw = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **kw}
-    return train(net, opt, *splits, progress=False, **kw)
+    return train(net, opt, Splits(*splits), TrainSpec(progress=False, **kw))
 
 
 def test_training_learns_and_metrics_are_sample_weighted(make_cfg):
@@ -80,7 +81,9 @@ def test_cpu_training_hands_channels_last_gradients_back_through_flatten(make_cf
     flatten = next(m for m in net if isinstance(m, torch.nn.Flatten))
     spy_handle = flatten.register_forward_pre_hook(spy)
     with speed.training([net], device):
-        fixed = train(net, opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
+        fixed = train(
+            net, opt, Splits(*splits), TrainSpec(epochs=1, batch_size=256, seed=0, progress=False)
+        )
     spy_handle.remove()
     assert seen and all(seen)
     assert net[3].weight.is_contiguous(memory_format=torch.channels_last)
@@ -88,7 +91,12 @@ def test_cpu_training_hands_channels_last_gradients_back_through_flatten(make_cf
 
     plain_net, plain_opt = build(cfg, device)
     plain_net.to(memory_format=torch.channels_last)
-    plain = train(plain_net, plain_opt, *splits, epochs=1, batch_size=256, seed=0, progress=False)
+    plain = train(
+        plain_net,
+        plain_opt,
+        Splits(*splits),
+        TrainSpec(epochs=1, batch_size=256, seed=0, progress=False),
+    )
     assert fixed.history == plain.history  # bit for bit
 
 

@@ -17,8 +17,8 @@ class FusedLauncher(Launcher):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from lenet_sweep.job.fused_launch import FusedLaunch
 
-        workers = {"engine": self.engine, "submitit": self.submitit, "ray": self.ray}
-        self.fused = FusedLaunch(hydra_context, config, self.max_group, self.devices, workers)
+        on = {"engine": self.engine, "submitit": self.submitit, "ray": self.ray}
+        self.fused = FusedLaunch(hydra_context, config, self.max_group, self.devices, on)
 
     def launch(self, job_overrides, initial_job_idx: int):
         return self.fused.launch(job_overrides, initial_job_idx)

@@ -164,9 +164,25 @@ def load_split(data_cfg, train: bool, device: torch.device) -> Split:
     return _load_split(OmegaConf.to_yaml(data_cfg, resolve=True), train, str(device))
 
 
-def load_splits(data_cfg, device: torch.device) -> tuple[Split, Split]:
+@dataclass(frozen=True)
+class Splits:
+    """What a run trains on and is evaluated on, on one device."""
+
+    train: Split
+    test: Split
+
+    def evaluated(self) -> dict[str, Split]:
+        """The splits evaluated after each epoch, by the name their metrics start with."""
+        return {"test": self.test}
+
+    def sizes(self) -> dict[str, int]:
+        """Each split's examples, by name: what an epoch's sums are divided by."""
+        return {"train": len(self.train), **{k: len(v) for k, v in self.evaluated().items()}}
+
+
+def load_splits(data_cfg, device: torch.device) -> Splits:
     """The training and the test split (load_split)."""
-    return load_split(data_cfg, True, device), load_split(data_cfg, False, device)
+    return Splits(load_split(data_cfg, True, device), load_split(data_cfg, False, device))
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,16 +2,14 @@
 
 Each is a small callable built here and handed to `train(hooks=[...])`, called in order with the
 TrainState after every epoch; raising stops training (the way Lightning's and optuna-integration's
-callbacks work). The fused trainer calls the same hooks once per trial.
+callbacks work). The fused trainer calls the same hooks once per trial. A sweep's pruning hook
+lives beside the trial it reports to (lenet_sweep.sweep.trial_link.prune).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
-
-import optuna
 
 from lenet_sweep.core.checkpoint import Checkpoint
 from lenet_sweep.core.state import EpochHook, TrainState
@@ -51,15 +49,3 @@ def save_checkpoint(path: Path, **extra) -> EpochHook:
 def log_epoch(mlrun) -> EpochHook:
     """The epoch's metrics to an MLflow TrackedRun, at step = epoch."""
     return lambda state: mlrun.log_epoch(state.stats)
-
-
-def prune(link, on_pruned: Callable[[TrainState], None]) -> EpochHook:
-    """Report the epoch's test accuracy to the trial; when its pruner says stop, call
-    `on_pruned` (which ends the records) and raise TrialPruned."""
-
-    def hook(state: TrainState) -> None:
-        if link.report(state.stats["test_acc"], state.epoch):
-            on_pruned(state)
-            raise optuna.TrialPruned(f"pruned after epoch {state.epoch}")
-
-    return hook

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,7 @@ log = logging.getLogger("lenet_sweep.core.train")
 
 @dataclass
 class TrainResult:
-    history: list[dict] = field(default_factory=list)  # {epoch, test_acc, train_loss, train_acc}
+    history: list[dict] = field(default_factory=list)  # {epoch, test_acc, ..., train_acc}
     train_time_s: float = 0.0
     examples_seen: int = 0
     eval_time_s: float = 0.0
@@ -65,35 +65,52 @@ def start(net, optimizer, seed: int, device: torch.device, resume=None) -> Train
     return TrainState(net, optimizer, shuffle, result)
 
 
-def end_epoch(
-    state: TrainState,
-    loss_sum: float,
-    correct: float,
-    test_acc: float,
-    n: int,
-    epochs: int,
-    name: str = "",
-) -> dict:
-    """Record an epoch from its training sums over `n` examples and its test accuracy, and log
-    its line. The objective comes first: MLflow's compare view plots a run's first metric."""
-    stats = {
-        "epoch": state.epoch + 1,
-        "test_acc": test_acc,
-        "train_loss": loss_sum / n,
-        "train_acc": correct / n,
-    }
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """How steps run: what every member of a fused group shares."""
+
+    batch_size: int
+    graph: bool = False  # on CUDA, each epoch's steps replayed as CUDA graphs
+    progress: bool = True  # a bar over each epoch, on a terminal
+    autocast: torch.dtype | None = None  # forward and backward in this dtype; weights stay fp32
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec(StepSpec):
+    """One run's training: its steps, and its own epochs, seed, hooks and checkpoint."""
+
+    epochs: int
+    seed: int
+    hooks: Sequence[EpochHook] = ()
+    resume: object | None = None  # a core.checkpoint.Checkpoint to go on from
+
+
+# An epoch's sums, by the metric each becomes once divided by its split's examples (the metric's
+# name starts with the split's): summed in the trainers, read once an epoch. A new per-epoch
+# metric is its sum in each trainer and its name here.
+TRAIN_SUMS = ("train_loss", "train_acc")
+EVAL_SUMS = ("acc", "loss")  # per evaluated split: test_acc, test_loss, ...
+
+
+def eval_sums(split_names) -> list[str]:
+    return [f"{split}_{metric}" for split in split_names for metric in EVAL_SUMS]
+
+
+def end_epoch(state: TrainState, sums: dict, sizes: dict, epochs: int, name: str = "") -> dict:
+    """Record an epoch from its sums by name (over each split's examples, `sizes`), and log its
+    line. The objective comes first: MLflow's compare view plots a run's first metric, so the
+    evaluated splits' metrics come before the training's."""
+    ordered = sorted(sums, key=lambda key: key in TRAIN_SUMS)
+    stats = {"epoch": state.epoch + 1}
+    stats.update((key, sums[key] / sizes[key.split("_")[0]]) for key in ordered)
     state.result.history.append(stats)
-    state.result.examples_seen += n
-    log.info(
-        "%sepoch %d/%d: train loss %.4f, train acc %.4f, test acc %.4f",
-        f"{name}: " if name else "",
-        stats["epoch"],
-        epochs,
-        stats["train_loss"],
-        stats["train_acc"],
-        stats["test_acc"],
-    )
+    state.result.examples_seen += sizes["train"]
+    shown = ", ".join(f"{k.replace('_', ' ')} {stats[k]:.4f}" for k in _LINE if k in stats)
+    log.info("%sepoch %d/%d: %s", f"{name}: " if name else "", stats["epoch"], epochs, shown)
     return stats
+
+
+_LINE = ("train_loss", "train_acc", "test_acc", "val_acc")  # train_ch6's, then the validation's
 
 
 def progress_bar(total: int, desc: str, progress: bool, unit: str = "it") -> tqdm:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from lenet_sweep.core.data import Split
+from lenet_sweep.core.data import Splits
+from lenet_sweep.core.state import TRAIN_SUMS, StepSpec, eval_sums
 from lenet_sweep.core.train import mixed
 from lenet_sweep.fused.stacked import StackedStep, compile_sequential
 
@@ -54,26 +55,24 @@ def replay_plan(n: int, batch_size: int) -> list[tuple[int, int, int]]:
 class Epoch:
     """One epoch of a group's steps and its evaluation, eager or as CUDA graphs."""
 
-    def __init__(
-        self,
-        group,
-        train: Split,
-        test: Split,
-        batch_size: int,
-        graph: bool,
-        autocast: torch.dtype | None = None,
-    ):
-        self.group, self.train, self.test, self.batch_size = group, train, test, batch_size
-        self.autocast = autocast  # forward and backward in this dtype; weights and sums stay fp32
+    def __init__(self, group, data: Splits, spec: StepSpec):
+        self.group, self.train, self.evaluated = group, data.train, data.evaluated()
+        self.batch_size, self.autocast = spec.batch_size, spec.autocast  # weights, sums: fp32
+        graph = spec.graph and group.perm.device.type == "cuda"
+        self.sums = group.sums_for(self.evaluated)
         self.step_fn, self.logits_fn = _step_functions(group.template)
         device = group.perm.device
         self.cursor = torch.zeros((), dtype=torch.long, device=device)  # a graph's next batch
-        self.columns = torch.arange(batch_size, device=device)
+        self.columns = torch.arange(spec.batch_size, device=device)
         self.graphs = self._capture() if graph else None
+
+    def _zero(self, keys) -> None:
+        for key in keys:
+            self.sums[key].zero_()
 
     def _train_steps(self, starts: Sequence[int] | None = None) -> None:
         g, n, B = self.group, len(self.train), self.batch_size
-        g.sums[:2].zero_()
+        self._zero(TRAIN_SUMS)
         for start in range(0, n, B) if starts is None else starts:
             self._step(g.perm[:, start : start + B])
 
@@ -92,18 +91,26 @@ class Epoch:
             grads, (loss, logits) = self.step_fn(g.params, X, y)
         g.optim.step(g.params, grads)
         with torch.no_grad():  # sample-weighted sums, as the seed's Accumulator
-            g.sums[0] += loss.detach() * y.shape[1]
-            g.sums[1] += (logits.argmax(-1) == y).sum(-1)
+            self.sums["train_loss"] += loss.detach() * y.shape[1]
+            self.sums["train_acc"] += (logits.argmax(-1) == y).sum(-1)
 
-    def _evaluate(self, starts: Sequence[int] | None = None) -> None:
-        g, n, B = self.group, len(self.test), self.batch_size
-        g.sums[2].zero_()
+    def _evaluate(self, starts: dict[str, Sequence[int]] | None = None) -> None:
+        """Each evaluated split's sums (core.state.EVAL_SUMS) for every member; `starts`: only
+        those batches of each split (the warm-up's shapes)."""
+        g, B = self.group, self.batch_size
+        self._zero(eval_sums(self.evaluated))
         with torch.no_grad():
-            for start in range(0, n, B) if starts is None else starts:
-                X, y = self.test.images[start : start + B], self.test.labels[start : start + B]
-                with mixed(g.perm.device, self.autocast):
-                    logits = self.logits_fn(g.params, X)
-                g.sums[2] += (logits.argmax(-1) == y).sum(-1)
+            for name, split in self.evaluated.items():
+                batches = range(0, len(split), B) if starts is None else starts[name]
+                for start in batches:
+                    X, y = split.images[start : start + B], split.labels[start : start + B]
+                    with mixed(g.perm.device, self.autocast):
+                        logits = self.logits_fn(g.params, X)  # (K, b, classes)
+                    self.sums[f"{name}_acc"] += (logits.argmax(-1) == y).sum(-1)
+                    losses = F.cross_entropy(
+                        logits.flatten(0, 1).float(), y.repeat(len(logits)), reduction="none"
+                    )
+                    self.sums[f"{name}_loss"] += losses.view(len(logits), -1).sum(1)
 
     def _capture(self) -> tuple[list[tuple[torch.cuda.CUDAGraph, int]], torch.cuda.CUDAGraph]:
         """(the epoch's step graphs with their replay counts, the evaluation's graph)."""
@@ -117,7 +124,9 @@ class Epoch:
         starts = sorted({*range(0, min(n, WARMUP_STEPS * B), B), (n - 1) // B * B})
         with torch.cuda.stream(side):
             self._train_steps(starts)
-            self._evaluate(sorted({0, (len(self.test) - 1) // B * B}))  # its two shapes
+            self._evaluate(
+                {k: sorted({0, (len(s) - 1) // B * B}) for k, s in self.evaluated.items()}
+            )
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(g.state_tensors(), saved, strict=True):
             t.copy_(s)  # the warm-up steps never happened
@@ -145,7 +154,7 @@ class Epoch:
         if self.graphs is None:
             self._train_steps()
         else:
-            g.sums[:2].zero_()
+            self._zero(TRAIN_SUMS)
             self.cursor.zero_()
             for graph, times in self.graphs[0]:
                 for _ in range(times):
@@ -154,10 +163,11 @@ class Epoch:
         self.graphs[1].replay() if self.graphs else self._evaluate()
         self.marks.append(mark(device))
 
-    def collect(self) -> tuple[list[list[float]], float, float]:
-        """The launched epoch's (3, K) sums, read in one host sync, and the seconds spent
-        training and evaluating (on CUDA, between events on the stream: the device's time)."""
-        sums = self.group.sums.tolist()
+    def collect(self) -> tuple[dict[str, list[float]], float, float]:
+        """The launched epoch's sums by name (K values each), read in one host sync, and the
+        seconds spent training and evaluating (on CUDA, between events on the stream)."""
+        read = torch.stack(list(self.sums.values())).tolist()
+        sums = dict(zip(self.sums, read, strict=True))
         start, trained, evaluated = self.marks
         if isinstance(start, float):
             return sums, trained - start, evaluated - trained

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lenet_sweep.core.state import TRAIN_SUMS, eval_sums
 from lenet_sweep.fused.optim import FusedOptimizer
 
 
@@ -17,16 +18,22 @@ from lenet_sweep.fused.optim import FusedOptimizer
 class Group:
     """The stacked state of the members still riding in the group (all on one device)."""
 
-    members: list  # engine.Member each
+    members: list  # trainer.Member each
     template: nn.Module  # structure only (meta device), for functional_call
     params: dict[str, torch.Tensor]
     optim: FusedOptimizer
     shuffles: list[torch.Generator]  # the group's own: a member's stream is the copy its hooks see
     perm: torch.Tensor  # (K, n): this epoch's order of each member
-    sums: torch.Tensor = field(init=False)  # (3, K): train loss sum, train correct, test correct
+    # An epoch's sums by name (core.state: TRAIN_SUMS, eval_sums), a (K,) tensor each: made once
+    # for the evaluated splits' names, so that a captured graph accumulates into the same ones.
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __post_init__(self):
-        self.sums = torch.zeros(3, len(self.members), device=self.perm.device)
+    def sums_for(self, eval_names) -> dict[str, torch.Tensor]:
+        if not self.sums:
+            keys = [*TRAIN_SUMS, *eval_sums(eval_names)]
+            k, device = len(self.members), self.perm.device
+            self.sums = {key: torch.zeros(k, device=device) for key in keys}
+        return self.sums
 
     @classmethod
     def stack(cls, members: list, n: int, device: torch.device) -> Group:

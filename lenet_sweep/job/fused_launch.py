@@ -2,7 +2,7 @@
 
 Each trial is prepared as a job of its own (Hydra's run_job: its job dir, .hydra/ configs and
 environment; `Job.prepare`: its checks, data, net and MLflow child run), then the trials that
-share a group key (lenet_sweep.config.identity) train as one group (lenet_sweep.fused.engine), and each
+share a group key (lenet_sweep.config.identity) train as one group (lenet_sweep.fused.trainer), and each
 is recorded as if it had run alone. The sweeper sees one JobReturn per trial, as from any
 launcher: all of a batch together (`launch`), or each as its trial leaves the group while a
 freed slot takes the study's next trial (`stream`, protocol.TrialFeed). The group's id and the
@@ -12,6 +12,7 @@ trial's slot are a tag on each child run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import uuid
@@ -27,6 +28,7 @@ from lenet_sweep.config.plugins import FusedLauncherConf
 from lenet_sweep.job import workers
 from lenet_sweep.job.compose import Composer
 from lenet_sweep.job.job import Job
+from lenet_sweep.process import ROLE
 from lenet_sweep.sweep import protocol
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,10 @@ TAG_GROUP = "lenet_sweep.fused_group"  # "<group id> (<k> of <K>)" on each membe
 class FusedLaunch:
     """What the fused launcher plugin delegates to: one sweep's config, composer and groups."""
 
-    def __init__(self, hydra_context, config_: DictConfig, max_group, devices=None, workers=None):
+    def __init__(self, hydra_context, config_: DictConfig, max_group, devices=None, on=None):
         self.hydra_context, self.config, self.max_group = hydra_context, config_, max_group
-        self.devices, self.workers = devices, workers or {}  # workers: engine, its settings
-        given = {"engine": None, "submitit": None, "ray": None, **self.workers}
+        self.devices, self.workers_on = devices, on or {}  # where workers run: engine, settings
+        given = {"engine": None, "submitit": None, "ray": None, **self.workers_on}
         given = SimpleNamespace(**given, max_group=max_group, devices=devices)
         check_knobs(given, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
@@ -66,8 +68,8 @@ class FusedLaunch:
         takes the feed's next trial of the same group key at the next epoch boundary; each
         result is handed back as it comes. Trials of another key wait for the next group. With
         `devices`, workers do it, one a device (lenet_sweep.job.workers)."""
-        if (devices := workers.resolve(self.devices)) and not workers.is_worker():
-            settings = {k: _plain(v) for k, v in self.workers.items()}
+        if (devices := workers.resolve(self.devices)) and ROLE.is_driver:
+            settings = {k: _plain(v) for k, v in self.workers_on.items()}
             sweeper = self.config.hydra.sweeper  # a silent worker's trials fail after this
             settings["stale_after"] = sweeper.get("grace_period", 30) + sweeper.get(
                 "heartbeat_interval", 10
@@ -125,11 +127,11 @@ class FusedLaunch:
     def _train(self, group, hand_back, refill=None) -> None:
         """Train `group` ((idx, JobReturn) each) as one; `refill()` gives a freed slot its next
         trial ([] when there is none); `hand_back(idx, ret)` takes each result as it comes."""
-        from lenet_sweep.fused.engine import Occupancy, train_group
+        from lenet_sweep.fused.trainer import Occupancy, train_group
 
         first = group[0][1].return_value
         size = len(group) * self.repeats
-        slots = _Slots(self, uuid.uuid4().hex[:8], size, hand_back, Occupancy())
+        slots = _GroupRecords(self, uuid.uuid4().hex[:8], size, hand_back, Occupancy())
 
         def next_member(k: int):  # a waiting seed of a repeated trial first, else the next trial
             if not slots.waiting and (got := refill()):
@@ -144,12 +146,8 @@ class FusedLaunch:
         with signals.stop_on_signals(), speed.training([m.net for m in members], first.device):
             train_group(
                 members,
-                first.train_split,
-                first.test_split,
-                batch_size=first.cfg.batch_size,
-                graph=first.cfg.cuda_graph,
-                progress=False,
-                autocast=config.autocast_dtype(first.cfg.precision),
+                first.data,
+                dataclasses.replace(first.spec(), progress=False),
                 on_leave=slots.leave,
                 refill=next_member if refill else None,
                 occupancy=slots.occupancy,
@@ -206,7 +204,7 @@ class _Asked:
         return None
 
 
-class _Slots:
+class _GroupRecords:
     """A training group's jobs: each as a member (its run tagged with the group and its slot),
     each result handed back as its member leaves."""
 
@@ -219,20 +217,15 @@ class _Slots:
 
     def members(self, slot: int, idx: int, ret: JobReturn) -> list:
         """The job's members: one, or one per seed of a repeated trial (lenet_sweep.job.seeds)."""
-        from lenet_sweep.fused.engine import Member
+        from lenet_sweep.fused.trainer import Member
 
         job: Job = ret.return_value
         job.mlrun.set_tags({TAG_GROUP: f"{self.group_id} (slot {slot + 1} of {self.size})"})
         name = str(job.cfg.trial.name or f"job {idx}")
-        cfg = job.cfg
         if (seeds := job.seeds()) is not None:
             members = seeds.members
         else:
-            members = [
-                Member(
-                    job.net, job.optimizer, cfg.epochs, cfg.seed, job.hooks(), job.resume, name=name
-                )
-            ]
+            members = [Member.of(job.net, job.optimizer, job.spec(), name=name)]
         self.jobs.update((id(m), (idx, ret, seeds)) for m in members)
         return members
 

@@ -16,13 +16,13 @@ from lenet_sweep import config
 from lenet_sweep.core import hooks
 from lenet_sweep.core.checkpoint import FILE as CHECKPOINT_FILE
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import Split, load_splits
+from lenet_sweep.core.data import Splits, load_splits
 from lenet_sweep.core.models import build
-from lenet_sweep.core.state import TrainResult
+from lenet_sweep.core.state import TrainResult, TrainSpec
 from lenet_sweep.sweep import protocol
-from lenet_sweep.sweep.trial_link import TrialLink
+from lenet_sweep.sweep.trial_link import TrialLink, prune
+from lenet_sweep.tracking import backend
 from lenet_sweep.tracking import params as run_params
-from lenet_sweep.tracking import store
 from lenet_sweep.tracking.runs import TrackedRun
 
 log = logging.getLogger("lenet_sweep")
@@ -54,8 +54,8 @@ class HydraJob:
 
 @dataclass
 class Job:
-    """One run: `prepare` reads and checks everything and opens its MLflow run, `train_args`
-    feeds a trainer, `complete` records the result. `lenet_sweep.job.run` does it for one run;
+    """One run: `prepare` reads and checks everything and opens its MLflow run, `spec` tells a
+    trainer how, `complete` records the result. `lenet_sweep.job.run` does it for one run;
     the fused launcher prepares several and trains them together."""
 
     cfg: DictConfig
@@ -64,8 +64,7 @@ class Job:
     experiment_id: str
     hydra: HydraJob
     link: TrialLink | None
-    train_split: Split
-    test_split: Split
+    data: Splits
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     resume: Checkpoint | None
@@ -78,18 +77,18 @@ class Job:
         """Check, load and build; then open the MLflow run (RUNNING) and record the set-up."""
         config.validate(cfg)
         device = config.resolve_device(cfg.device)
-        uri = store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        experiment_id = store.prepare_experiment(uri, cfg.mlflow.experiment)
-        store.repair_orphaned_runs(uri, experiment_id)
+        uri = backend.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        experiment_id = backend.prepare_experiment(uri, cfg.mlflow.experiment)
+        backend.repair_orphaned_runs(uri, experiment_id)
         hydra_job = HydraJob.current()
         link = TrialLink.current(hydra_job.sweeper_cfg)
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
-        train_split, test_split = load_splits(cfg.data, device)
+        data = load_splits(cfg.data, device)
         net, optimizer = build_model(cfg, device)
         repeats = int((hydra_job.sweeper_cfg or {}).get("repeats", 1)) if link else 1
         extra = [build_model(cfg, device, cfg.seed + r) for r in range(1, repeats)]
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
-        splits = {"training": train_split, "evaluation": test_split}
+        splits = {"training": data.train, "evaluation": data.test}
         mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume, splits)
         if resume:
             log.info("resuming %s after epoch %d", resume_path, resume.epoch)
@@ -100,8 +99,7 @@ class Job:
             experiment_id,
             hydra_job,
             link,
-            train_split,
-            test_split,
+            data,
             net,
             optimizer,
             resume,
@@ -149,18 +147,19 @@ class Job:
             name,
         )
 
-    def train_args(self) -> dict:
-        """Everything a trainer takes after (net, optimizer, train split, test split)."""
+    def spec(self) -> TrainSpec:
+        """How this run trains (either trainer; a fused group takes its step settings)."""
         cfg = self.cfg
-        return {
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "seed": cfg.seed,
-            "progress": cfg.progress,
-            "resume": self.resume,
-            "hooks": self.hooks(),
-            "autocast": config.autocast_dtype(cfg.precision),
-        }
+        return TrainSpec(
+            batch_size=cfg.batch_size,
+            graph=cfg.cuda_graph,
+            progress=cfg.progress,
+            autocast=config.autocast_dtype(cfg.precision),
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            hooks=self.hooks(),
+            resume=self.resume,
+        )
 
     def failed(self, error: BaseException) -> None:
         """What a run that diverged records before its run ends FAILED."""
@@ -181,7 +180,7 @@ class Job:
             self.record(result)
         # A sweep's trial ends with the sweep's one line (and its one UI link) instead.
         level = logging.INFO if self.link is None else logging.DEBUG
-        link = store.ui_link(self.uri, self.experiment_id)
+        link = backend.ui_link(self.uri, self.experiment_id)
         log.log(level, "MLflow run %s: %s", self.mlrun.run_id, link)
         _print_seed_lines(result, self.device, level)
         if self.link is not None:
@@ -202,7 +201,7 @@ def _open_run(cfg, device, uri, experiment_id, job: HydraJob, link, resume, spli
     knobs = {k: cfg[k] for k in run_params.KNOBS}
     params = run_params.run_params(config.identity(cfg), knobs, job.choices)
     name, tags = _run_name(cfg, params, job), _tags(device, job, link, cfg)
-    client = store.client(uri)
+    client = backend.client(uri)
     run_id = resume and run_params.continuable(client, resume.mlflow_run_id, params)
     if resume and not run_id:  # a finished run, or other settings (epochs): a new run
         tags[TAG_RESUMED_FROM] = resume.mlflow_run_id
@@ -264,7 +263,7 @@ def _trial_hooks(mlrun: TrackedRun, link: TrialLink | None) -> list:
             mlrun.log_record(state.result, state.net)
             mlrun.end("FINISHED")
 
-        epoch_hooks.append(hooks.prune(link, end_pruned))
+        epoch_hooks.append(prune(link, end_pruned))
     return epoch_hooks
 
 

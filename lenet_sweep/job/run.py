@@ -9,20 +9,20 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from lenet_sweep import config, signals, speed
+from lenet_sweep import signals, speed
 from lenet_sweep.core.state import TrainResult
 from lenet_sweep.core.train import train
+from lenet_sweep.db_files import store_file
 from lenet_sweep.errors import outage
 from lenet_sweep.job.job import Job, log
-from lenet_sweep.stores import store_file
 from lenet_sweep.sweep.protocol import STORAGE_ENV
-from lenet_sweep.tracking import store
+from lenet_sweep.tracking import backend
 
 
 def trainer_for(cfg: DictConfig, device) -> Callable[..., TrainResult]:
     """The CUDA-graph trainer on CUDA (unless cuda_graph=false), else the eager loop."""
     if device.type == "cuda" and cfg.cuda_graph:
-        from lenet_sweep.fused.engine import train_graphed
+        from lenet_sweep.fused.trainer import train_graphed
 
         return train_graphed
     return train
@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         return _run(cfg)
     except Exception as e:
-        uri = store.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        uri = backend.resolve_tracking_uri(cfg.mlflow.tracking_uri)
         down = outage(e, store_file(e, uri, os.environ.get(STORAGE_ENV)))
         if down is None or down is e:
             raise
@@ -50,9 +50,7 @@ def _run(cfg: DictConfig) -> dict[str, float]:
             if (seeds := job.seeds()) is not None:
                 result = _train_seeds(job, seeds)
             else:
-                result = trainer(
-                    job.net, job.optimizer, job.train_split, job.test_split, **job.train_args()
-                )
+                result = trainer(job.net, job.optimizer, job.data, job.spec())
         except Exception as e:
             job.failed(e)
             raise
@@ -61,18 +59,9 @@ def _run(cfg: DictConfig) -> dict[str, float]:
 
 def _train_seeds(job: Job, seeds) -> TrainResult:
     """A repeated trial's seeds trained side by side as one fused group on the job's device."""
-    from lenet_sweep.fused.engine import train_group
+    from lenet_sweep.fused.trainer import train_group
 
-    cfg = job.cfg
-    train_group(
-        seeds.members,
-        job.train_split,
-        job.test_split,
-        batch_size=cfg.batch_size,
-        graph=cfg.cuda_graph,
-        progress=cfg.progress,
-        autocast=config.autocast_dtype(cfg.precision),
-    )
+    train_group(seeds.members, job.data, job.spec())
     result = seeds.finished()
     job.mlrun.log_metrics(seeds.final_by_seed())
     return result

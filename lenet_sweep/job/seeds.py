@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Sequence
 
 from lenet_sweep.core.state import EpochHook, TrainResult, TrainState
-from lenet_sweep.fused.engine import Member
+from lenet_sweep.fused.trainer import Member
 
 
 class Seeds:

@@ -2,7 +2,7 @@
 
 A worker is the same sweep command in a process of its own, pinned to its device (CUDA: by
 CUDA_VISIBLE_DEVICES; the CPU: by its share of the cores) and told it is a worker
-(WORKER_ENV): it asks the study for trials under the ask lock, trains them as a refilled fused
+(lenet_sweep.process.Role): it asks the study for trials under the ask lock, trains them as a refilled fused
 group, records each (its MLflow child under the sweep's one parent run, its Optuna result, its
 job dir) and stops when the study has nothing left to ask; it writes no results file and leaves
 the parent run open. The driver (the command the user typed) starts them, waits, and then closes
@@ -28,14 +28,10 @@ import time
 
 from lenet_sweep import signals
 from lenet_sweep.errors import Outage, UserError
-from lenet_sweep.sweep.protocol import WORKER_ENV
+from lenet_sweep.process import ROLE
 
 log = logging.getLogger(__name__)
 _OWN = ("device=", "hydra.launcher.devices=", "+hydra.launcher.devices=")
-
-
-def is_worker() -> bool:
-    return bool(os.environ.get(WORKER_ENV))
 
 
 def resolve(devices) -> list[str]:
@@ -83,7 +79,7 @@ def run(devices: list[str], engine: str = "local", settings=None) -> None:
 
 def _round(devices: list[str]) -> list[int]:
     cpu_share = max(1, (os.cpu_count() or 1) // max(1, devices.count("cpu")))
-    procs = [_start(d, cpu_share) for d in devices]
+    procs = [_start_worker(d, cpu_share) for d in devices]
     try:
         while any(p.poll() is None for p in procs):
             if signals.pending():  # Ctrl-C / SIGTERM: the workers stop as a sweep does
@@ -106,8 +102,8 @@ def _command(device: str) -> list[str]:
     return [sys.executable, "-m", "lenet_sweep", *argv, f"device={device}"]
 
 
-def _start(device: str, cpu_share: int) -> subprocess.Popen:
-    env = dict(os.environ, **{WORKER_ENV: device})
+def _start_worker(device: str, cpu_share: int) -> subprocess.Popen:
+    env = dict(os.environ, **ROLE.worker_env(device))
     if device.startswith("cuda"):  # pinned: the worker sees its GPU alone
         env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
     else:
@@ -124,7 +120,7 @@ def worker(command: list[str], env: dict[str, str], cwd: str) -> int:
 
 def _remote_args(device: str) -> tuple[list[str], dict[str, str], str]:
     passed = {k: v for k, v in os.environ.items() if k.startswith(("LENET_SWEEP_", "MLFLOW_"))}
-    return _command(device.partition(":")[0]), {**passed, WORKER_ENV: device}, os.getcwd()
+    return _command(device.partition(":")[0]), {**passed, **ROLE.worker_env(device)}, os.getcwd()
 
 
 KILLED = -9  # what a worker its engine lost (preempted, cancelled, its node gone) counts as

@@ -16,9 +16,8 @@ from optuna.trial import TrialState
 from lenet_sweep import signals
 from lenet_sweep.config.identity import setting
 from lenet_sweep.errors import Outage
-from lenet_sweep.sweep import protocol, report, search_space
-from lenet_sweep.sweep import storage as study_storage
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.process import HOST
+from lenet_sweep.sweep import protocol, report, search_space, study_db
 
 log = logging.getLogger("lenet_sweep.sweep")
 _ABSENT = object()
@@ -40,7 +39,7 @@ def record(study: optuna.Study, trial: optuna.Trial, outcome: protocol.Outcome) 
         log.warning("trial %d failed: %s", trial.number, outcome.reason)
     elif outcome.state == TrialState.PRUNED:
         log.info("trial %d pruned (%s)", trial.number, outcome.reason)
-    study_storage.tell(study, trial, values=outcome.values, state=outcome.state)
+    study_db.tell(study, trial, values=outcome.values, state=outcome.state)
     return outcome.state
 
 
@@ -67,13 +66,13 @@ class StudyFeed:
 
     def ask(self, n: int) -> list[tuple[int, list[str]]]:
         """Up to n new trials (fewer when the budget is nearly spent): (number, overrides)."""
-        with study_storage.ask_lock(self.storage, self.settings.storage):
-            left = self.settings.n_trials - study_storage.budget_used(self.study)
-            with study_storage.heartbeat_warnings_off():
+        with study_db.ask_lock(self.storage, self.settings.storage):
+            left = self.settings.n_trials - study_db.budget_used(self.study)
+            with study_db.heartbeat_warnings_off():
                 trials = [self.study.ask() for _ in range(max(0, min(n, left)))]
             for trial in trials:  # the pid first: a trial of this host is judged by its pid
                 trial.set_user_attr(protocol.WORKER_PID, os.getpid())
-                trial.set_user_attr(protocol.WORKER_HOST, tracking_store.HOST)
+                trial.set_user_attr(protocol.WORKER_HOST, HOST)
         self.in_flight.update((t.number, t) for t in trials)
         self.heartbeat.add(trials)
         asked = [(t.number, self._overrides(t)) for t in trials]
@@ -93,7 +92,7 @@ class StudyFeed:
         outcomes = [protocol.job_outcome(r, self.objectives) for r in returns]
         down = [(t, o) for t, o in zip(trials, outcomes, strict=True) if o.rerun]
         for trial, outcome in down:
-            study_storage.fail_for_rerun(self.study, self.storage, trial.number, outcome.reason)
+            study_db.fail_for_rerun(self.study, self.storage, trial.number, outcome.reason)
         told = [(t, o) for t, o in zip(trials, outcomes, strict=True) if not o.rerun]
         self.states += [record(self.study, t, o) for t, o in told]
         report.log_progress(self.study, [t for t, _ in told], [o for _, o in told], self.objectives)

@@ -3,7 +3,7 @@
 What the official hydra-optuna-sweeper lacks and this adds: n_trials is the study's total (a
 rerun finishes what is left), dead workers' trials are failed first, pruning reaches jobs in
 other processes, NaN/inf/raising jobs fail only their trial, several workers share one study
-without overshooting n_trials (lenet_sweep.sweep.storage), and the sweep is one MLflow parent
+without overshooting n_trials (lenet_sweep.sweep.study_db), and the sweep is one MLflow parent
 run with a child run per trial (lenet_sweep.sweep.parent_run). Jobs and sweeper meet through
 lenet_sweep.sweep.protocol.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -23,15 +22,15 @@ from optuna.trial import TrialState
 
 from lenet_sweep import signals
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
+from lenet_sweep.db_files import store_file
 from lenet_sweep.errors import Outage, first_line, mask_url, one_line, outage
-from lenet_sweep.stores import store_file
-from lenet_sweep.sweep import in_flight, protocol, report, search_space
-from lenet_sweep.sweep import storage as study_storage
+from lenet_sweep.process import ROLE
+from lenet_sweep.sweep import in_flight, protocol, report, search_space, study_db
 from lenet_sweep.sweep.feed import StudyFeed
 from lenet_sweep.sweep.parent_run import NoSweepRun, SweepRun, kill_trial_runs
 from lenet_sweep.sweep.report import SweepFailed
 from lenet_sweep.sweep.setup import SweepSetup
-from lenet_sweep.tracking import store as tracking_store
+from lenet_sweep.tracking import backend as tracking_backend
 
 log = logging.getLogger("lenet_sweep.sweep")
 # Hydra's launchers log each job's overrides, the protocol's internals among them (trial.*,
@@ -72,7 +71,7 @@ class OptunaSweep:
         self.mlflow_uri = None
         self.groups: dict[str, object] = {}  # fused: group id -> its Occupancy
         if settings.mlflow:  # the app's `mlflow` node says where (lenet_sweep's config has one)
-            self.mlflow_uri = tracking_store.resolve_tracking_uri(config.mlflow.tracking_uri)
+            self.mlflow_uri = tracking_backend.resolve_tracking_uri(config.mlflow.tracking_uri)
 
     def run(self, arguments: list[str]) -> None:
         from mlflow.exceptions import MlflowException
@@ -99,23 +98,23 @@ class OptunaSweep:
         space, fixed = self.setup.check(arguments)
         sampler = self.setup.sampler(space)
         if self.mlflow_uri:
-            experiment_id = tracking_store.prepare_experiment(
+            experiment_id = tracking_backend.prepare_experiment(
                 self.mlflow_uri, self.config.mlflow.experiment
             )
-        storage = study_storage.open_storage(
+        storage = study_db.open_storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
         study = self.setup.open_study(storage, sampler)
-        with study_storage.ask_lock(storage, settings.storage):  # no trial asked but unmarked
-            dead = study_storage.fail_dead_workers(study, storage, settings.grace_period)
+        with study_db.ask_lock(storage, settings.storage):  # no trial asked but unmarked
+            dead = study_db.fail_dead_workers(study, storage, settings.grace_period)
         if self.mlflow_uri:
             kill_trial_runs(self.mlflow_uri, dead)
-        done, shown = study_storage.budget_used(study), search_space.describe(space)
+        done, shown = study_db.budget_used(study), search_space.describe(space)
         where, name = mask_url(settings.storage), type(sampler).__name__
-        level = logging.DEBUG if os.environ.get(protocol.WORKER_ENV) else logging.INFO  # driver's
+        level = logging.INFO if ROLE.is_driver else logging.DEBUG  # the driver's lines
         log.log(level, "study %s in %s: %d/%d trials done, sampler %s, search %s",
                 study.study_name, where, done, settings.n_trials, name, shown)  # fmt: skip
-        with study_storage.ask_lock(storage, settings.storage):
+        with study_db.ask_lock(storage, settings.storage):
             parent = (
                 NoSweepRun()
                 if not self.mlflow_uri
@@ -138,13 +137,12 @@ class OptunaSweep:
             self.setup.enqueue(study)
         parent.set_tags({"sweep_dir": self.sweep_dir})
         if self.mlflow_uri:
-            log.log(level, "MLflow: %s", tracking_store.ui_link(self.mlflow_uri, experiment_id))
+            log.log(level, "MLflow: %s", tracking_backend.ui_link(self.mlflow_uri, experiment_id))
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
             states = self._loop(study, storage, space, fixed, parent)
-        if os.environ.get(protocol.WORKER_ENV):  # a fused worker: its driver closes the sweep
-            where = os.environ[protocol.WORKER_ENV]
-            log.info("worker on %s: %d trial(s) trained here", where, len(states))
+        if ROLE.is_worker:  # its driver closes the sweep
+            log.info("worker on %s: %d trial(s) trained here", ROLE.worker_device, len(states))
             return
         report.finish(self, study, parent, len(states), time.perf_counter() - started)
 
@@ -153,9 +151,7 @@ class OptunaSweep:
         """Ask, launch, tell until the budget is spent, failures pass the rate, or a signal:
         streamed to a launcher that can (each freed slot takes the next trial), else in
         batches of n_jobs."""
-        heartbeat = study_storage.Heartbeat(
-            storage, study.study_name, self.settings.heartbeat_interval
-        )
+        heartbeat = study_db.Heartbeat(storage, study.study_name, self.settings.heartbeat_interval)
         heartbeat.start()
         feed = StudyFeed(self, study, storage, space, fixed, parent.run_id, heartbeat)
         try:
@@ -173,7 +169,7 @@ class OptunaSweep:
             why = one_line(e) if isinstance(e, Outage) else "interrupted"
             for number in feed.in_flight:
                 with contextlib.suppress(Exception):
-                    study_storage.fail_for_rerun(study, storage, number, why)
+                    study_db.fail_for_rerun(study, storage, number, why)
             with contextlib.suppress(Exception):
                 parent.end("KILLED")
             raise
@@ -243,7 +239,7 @@ class OptunaSweep:
         numbers = set(numbers)
         log.warning("trials %s: %s; their trials run again", sorted(numbers), why)
         for number in numbers:
-            study_storage.fail_for_rerun(feed.study, feed.storage, number, why)
+            study_db.fail_for_rerun(feed.study, feed.storage, number, why)
             feed.heartbeat.drop(number)
             feed.in_flight.pop(number, None)
         if self.mlflow_uri:

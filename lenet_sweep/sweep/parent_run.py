@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 
 from lenet_sweep.sweep import protocol
+from lenet_sweep.tracking.backend import client
 from lenet_sweep.tracking.figures import log_study_plots
 from lenet_sweep.tracking.model import model_id_of, register
 from lenet_sweep.tracking.runs import Run
-from lenet_sweep.tracking.store import client
 
 
 class SweepRun(Run):

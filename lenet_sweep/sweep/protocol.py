@@ -56,9 +56,6 @@ TRIAL_PARENT_RUN = "trial.parent_run_id"
 STORAGE_ENV = "LENET_SWEEP_OPTUNA_STORAGE"  # the storage URL, for jobs in any process
 # The job's trial, in its environment while it runs (Hydra's hydra.job.env_set): any app.
 TRIAL_ENV, STUDY_ENV = "LENET_SWEEP_TRIAL", "LENET_SWEEP_STUDY"
-# In a fused worker's environment (lenet_sweep.job.workers): its device. A worker's sweep
-# trains what it asks and leaves the closing (results, best trial, parent run's end) to its driver.
-WORKER_ENV = "LENET_SWEEP_WORKER"
 
 # Optuna user attrs: on trials, and the one on the study.
 WORKER_HOST = "worker_host"

@@ -10,8 +10,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
-from lenet_sweep.sweep import protocol
-from lenet_sweep.sweep import storage as study_storage
+from lenet_sweep.sweep import protocol, study_db
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -103,7 +102,7 @@ def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> N
 
 def too_many_failures(study, settings) -> bool:
     """Failures measured against n_trials: once past the rate, the sweep can only end past it."""
-    return len(study_storage.job_failures(study)) / settings.n_trials > settings.max_failure_rate
+    return len(study_db.job_failures(study)) / settings.n_trials > settings.max_failure_rate
 
 
 def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
@@ -138,7 +137,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
     log.info("results: %s", results_file)
     if too_many:
         raise SweepFailed(
-            f"sweep {study.study_name}: {len(study_storage.job_failures(study))} of "
+            f"sweep {study.study_name}: {len(study_db.job_failures(study))} of "
             f"{sweep.settings.n_trials} trials failed, more than max_failure_rate="
             f"{sweep.settings.max_failure_rate}; fix the failing trials (fail_reason in "
             "Optuna) or raise hydra.sweeper.max_failure_rate"
@@ -146,7 +145,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
 
 
 def _none_completed(study, counted: str) -> SweepFailed:
-    failed = study_storage.job_failures(study)
+    failed = study_db.job_failures(study)
     last = f"; last failure: {failed[-1].user_attrs[protocol.FAIL_REASON]}" if failed else ""
     return SweepFailed(
         f"sweep {study.study_name}: no trial completed ({counted}{last}); "

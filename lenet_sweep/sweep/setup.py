@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from lenet_sweep import OUTPUTS_DIR
 from lenet_sweep.config.knobs import check_knobs
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
+from lenet_sweep.db_files import check_intact, check_sqlite, check_writable_dir, sqlite_path
 from lenet_sweep.errors import UserError, describe, mask_url, outage
-from lenet_sweep.stores import check_intact, check_sqlite, check_writable_dir, sqlite_path
 from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep.search_space import grid_choices, parse
 

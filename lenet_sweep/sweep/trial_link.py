@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import optuna
 
 from lenet_sweep.sweep import protocol
-from lenet_sweep.sweep.storage import open_storage, running_trial
+from lenet_sweep.sweep.study_db import open_storage, running_trial
 
 
 @functools.cache
@@ -28,6 +29,7 @@ class TrialLink:
         self.number = number
         # Optuna keeps intermediate values (and prunes) for single-objective studies only.
         self.reports = len(self.study.directions) == 1
+        self.objective: str | None = None  # the metric reported each epoch, by name
 
     @classmethod
     def current(cls, sweeper_cfg=None) -> TrialLink | None:
@@ -49,7 +51,9 @@ class TrialLink:
 
         pruner_cfg = sweeper_cfg.get("pruner")
         pruner = instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
-        return cls(storage, study_name, int(number), pruner)
+        link = cls(storage, study_name, int(number), pruner)
+        link.objective = (list(sweeper_cfg.get("objectives") or []) or [None])[0]
+        return link
 
     def run_tags(self, parent_run_id) -> dict[str, str]:
         """Tags that make the job's MLflow run a child of the sweep's parent run."""
@@ -71,6 +75,20 @@ class TrialLink:
 
     def completed(self, train_time_s: float) -> None:
         self.trial.set_user_attr(protocol.TRAIN_TIME_S, train_time_s)
+
+
+def prune(link: TrialLink, on_pruned: Callable) -> Callable:
+    """An epoch hook (lenet_sweep.core.hooks): report the epoch's objective, by its name, to the
+    trial; when its pruner says stop, call `on_pruned(state)` (which ends the records) and raise
+    TrialPruned."""
+
+    def hook(state) -> None:
+        value = state.stats.get(link.objective) if link.objective else None
+        if value is not None and link.report(value, state.epoch):
+            on_pruned(state)
+            raise optuna.TrialPruned(f"pruned after epoch {state.epoch}")
+
+    return hook
 
 
 _links: dict[tuple[str, str], TrialLink] = {}

@@ -13,10 +13,11 @@ import time
 from collections.abc import Mapping
 
 from lenet_sweep.errors import mask_url
+from lenet_sweep.process import HOST
+from lenet_sweep.tracking.backend import TAG_HOST, TAG_PID, client
 from lenet_sweep.tracking.figures import curves_figure
 from lenet_sweep.tracking.model import log_model
 from lenet_sweep.tracking.params import as_logged
-from lenet_sweep.tracking.store import HOST, TAG_HOST, TAG_PID, client
 
 
 class Run:

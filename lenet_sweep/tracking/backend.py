@@ -8,16 +8,15 @@ import json
 import logging
 import os
 import re
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from lenet_sweep import OUTPUTS_DIR, PROJECT_ROOT
+from lenet_sweep.db_files import SQLITE, check_sqlite, check_writable_dir, file_lock, sqlite_path
 from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
-from lenet_sweep.stores import SQLITE, check_sqlite, check_writable_dir, file_lock, sqlite_path
+from lenet_sweep.process import HOST, pid_alive
 
-HOST = socket.gethostname()
 # Tags on every run we create, so a later start can tell a dead process's RUNNING run.
 TAG_HOST, TAG_PID = "lenet_sweep.host", "lenet_sweep.pid"
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model
@@ -170,16 +169,6 @@ def ui_link(uri: str, experiment_id: str) -> str:
     serve = f"mlflow ui --backend-store-uri {mask_url(uri)}" if sqlite_path(uri) else mask_url(uri)
     page = f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
     return f"{serve}, then open {page}&workflowType=machine_learning"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid > 0
-    return True
 
 
 _repaired: set[tuple[str, str]] = set()

@@ -18,6 +18,7 @@ SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from torch import nn
 
 from lenet_sweep import signals
 from lenet_sweep.core import state as states
-from lenet_sweep.core.data import Split
-from lenet_sweep.core.state import EpochHook, TrainResult, TrainState
+from lenet_sweep.core.data import Splits
+from lenet_sweep.core.state import EpochHook, StepSpec, TrainResult, TrainSpec, TrainState
 from lenet_sweep.errors import UserError
 from lenet_sweep.fused.epoch import Epoch
 from lenet_sweep.fused.group import Group
@@ -52,6 +53,11 @@ class Member:
     @property
     def result(self) -> TrainResult:
         return self.state.result
+
+    @classmethod
+    def of(cls, net, optimizer, spec: TrainSpec, name: str = "") -> Member:
+        """A member that trains as `spec` says: its epochs, seed, hooks and checkpoint."""
+        return cls(net, optimizer, spec.epochs, spec.seed, spec.hooks, spec.resume, name)
 
 
 @dataclass
@@ -86,13 +92,9 @@ def check_fusable(net: nn.Module) -> None:
 
 def train_group(
     members: list[Member],
-    train: Split,
-    test: Split,
+    data: Splits,
+    spec: StepSpec,
     *,
-    batch_size: int,
-    graph: bool,
-    progress: bool = False,
-    autocast: torch.dtype | None = None,
     on_leave: Callable[[Member], None] | None = None,
     refill: Callable[[int], Member | None] | None = None,
     occupancy: Occupancy | None = None,
@@ -103,28 +105,21 @@ def train_group(
     train): the place for the slow part of recording a finished trial. `refill(slot)` gives the
     member that takes a freed slot, None once there is none (the group's tail begins). Returns
     how busy the group's slots were (counted into `occupancy` as it goes, if given)."""
-    device = train.labels.device
+    device = data.train.labels.device
     occupancy = occupancy if occupancy is not None else Occupancy()
-    riding = _start(members, device, on_leave)
+    riding = start_members(members, device, on_leave)
     if not riding:
         return occupancy
-    group = Group.stack(riding, len(train), device)
-    slots = _Slots(group, refill, on_leave, device)
-    new_epoch = functools.partial(
-        Epoch,
-        train=train,
-        test=test,
-        batch_size=batch_size,
-        graph=graph and device.type == "cuda",
-        autocast=autocast,
-    )
+    group = Group.stack(riding, len(data.train), device)
+    slots = _SlotRefill(group, refill, on_leave, device)
+    new_epoch = functools.partial(Epoch, data=data, spec=spec)
     epoch_fn = new_epoch(group)
-    bar = states.progress_bar(max(m.epochs for m in riding), "epochs", progress)
+    bar = states.progress_bar(max(m.epochs for m in riding), "epochs", spec.progress)
     hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     epoch_fn.launch()
     while epoch_fn is not None:
         sums, train_s, eval_s = epoch_fn.collect()
-        ended = _end_epoch(group, sums, train_s, eval_s, len(train), len(test))
+        ended = _end_epoch(group, sums, train_s, eval_s, data.sizes())
         occupancy.add(len(ended), len(riding), tail=slots.tail)
         occupancy.train_s += train_s
         bar.update()
@@ -143,7 +138,7 @@ def train_group(
 
 
 @dataclass
-class _Slots:
+class _SlotRefill:
     """A group's slots through training: who leaves, who takes a freed slot."""
 
     group: Group
@@ -168,12 +163,12 @@ class _Slots:
                 new = self.refill(k)
                 if new is None:
                     self.tail = True
-                elif _start([new], self.device, self.on_leave):
+                elif start_members([new], self.device, self.on_leave):
                     self.group.write(k, new)
                     m = new
 
 
-def _next_epoch(slots: _Slots, epoch_fn: Epoch, new_epoch) -> tuple[Group, Epoch | None]:
+def _next_epoch(slots: _SlotRefill, epoch_fn: Epoch, new_epoch) -> tuple[Group, Epoch | None]:
     """Refill freed slots, then launch the next epoch of every member that may go on (on CUDA
     before this epoch's hooks: it trains while they run, and a member they stop rides it in
     vain). None when all have left."""
@@ -190,7 +185,7 @@ def _next_epoch(slots: _Slots, epoch_fn: Epoch, new_epoch) -> tuple[Group, Epoch
     return group, epoch_fn
 
 
-def _start(members: list[Member], device: torch.device, on_leave=None) -> list[Member]:
+def start_members(members: list[Member], device: torch.device, on_leave=None) -> list[Member]:
     """Each member's TrainState (restored from its checkpoint if resumed); those with epochs
     left to train. One resumed at its end leaves at once."""
     for m in members:
@@ -202,9 +197,7 @@ def _start(members: list[Member], device: torch.device, on_leave=None) -> list[M
     return [m for m in members if not m.done]
 
 
-def _end_epoch(
-    group: Group, sums: list[list[float]], train_s: float, eval_s: float, n: int, n_test: int
-) -> list[Member]:
+def _end_epoch(group: Group, sums: dict, train_s: float, eval_s: float, sizes: dict) -> list:
     """The epoch of each member that rode it, as the eager loop ends one but for the hooks:
     stats, log line, its own copy of weights, optimizer and shuffle state. Returns those members."""
     ended = [(k, m) for k, m in enumerate(group.members) if not (m.done or m.error)]
@@ -212,9 +205,8 @@ def _end_epoch(
         m.state.result.train_time_s += train_s  # the group's epoch: each member's time
         m.state.result.eval_time_s += eval_s
         # NaN/inf losses stay NaN/inf: the divergence hook reads them.
-        stats = states.end_epoch(
-            m.state, sums[0][k], sums[1][k], sums[2][k] / n_test, n, m.epochs, m.name
-        )
+        mine = {key: values[k] for key, values in sums.items()}
+        stats = states.end_epoch(m.state, mine, sizes, m.epochs, m.name)
         group.unstack(k)
         m.done = stats["epoch"] >= m.epochs
     return [m for _, m in ended]
@@ -230,31 +222,12 @@ def _run_hooks(m: Member) -> None:
 
 
 def train_graphed(
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train: Split,
-    test: Split,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-    hooks: Sequence[EpochHook] = (),
-    resume=None,
-    autocast: torch.dtype | None = None,
+    net: nn.Module, optimizer: torch.optim.Optimizer, data: Splits, spec: TrainSpec
 ) -> TrainResult:
     """core.train.train with each epoch replayed as CUDA graphs (a group of one): the same
     numbers, hooks and checkpoints, read at epoch boundaries."""
-    member = Member(net, optimizer, epochs, seed, hooks, resume)
-    train_group(
-        [member],
-        train,
-        test,
-        batch_size=batch_size,
-        graph=True,
-        progress=progress,
-        autocast=autocast,
-    )
+    member = Member.of(net, optimizer, spec)
+    train_group([member], data, dataclasses.replace(spec, graph=True))
     if member.error is not None:
         raise member.error
     return member.result

@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from lenet_sweep.db_files import JOURNAL, check_writable_dir, file_lock, journal_path, sqlite_path
 from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
-from lenet_sweep.stores import JOURNAL, check_writable_dir, file_lock, journal_path, sqlite_path
+from lenet_sweep.process import HOST, pid_alive
 from lenet_sweep.sweep import protocol
-from lenet_sweep.tracking.store import HOST, pid_alive
 
 log = logging.getLogger("lenet_sweep.sweep")
 

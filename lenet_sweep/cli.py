@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
                 _discard_untouched(run_dir)
         exit_with(e)
     except KeyboardInterrupt as e:
-        e.run_dir = run_dir if single else None  # for the line that says how to resume
+        resumable = single and (run_dir / "checkpoint.pt").is_file()
+        e.run_dir = run_dir if resumable else None  # for the line that says how to resume
         raise
 
 
@@ -145,6 +146,12 @@ def _override_error(error: BaseException) -> UserError | None:
     text = str(error)
     if unknown := re.search(r"Could not override '([^']+)'.*? use \+(\S+)", text, re.DOTALL):
         key, given = unknown[1], unknown[2]
+        if key == "hydra.sweeper.repeats":  # gone with the run knob seeds (one release's note)
+            n = given.partition("=")[2]
+            return UserError(
+                f"{given}: gone; seeds={n} is the run knob now (each trial trains its seeds "
+                "side by side, as a single run does)"
+            )
         schema = config.keys(config.RunConfig)
         schema += config.keys(config.LenetOptunaSweeperConf, "hydra.sweeper.")
         close = difflib.get_close_matches(key, schema, n=1, cutoff=0.6)

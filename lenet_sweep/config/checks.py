@@ -28,6 +28,11 @@ def validate(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value > limit:
             raise UserError(f"{rules[key].error(key, value)} ({limit} here)")
+    if cfg.seeds > 1 and cfg.resume:
+        raise UserError(
+            f"resume={cfg.resume}: a run of seeds={cfg.seeds} keeps no checkpoint to go on from; "
+            "rerun it, or resume a run of one seed"
+        )
     if not cfg.mlflow.experiment:
         raise UserError("mlflow.experiment='': must be a name, e.g. mlflow.experiment=lenet_sweep")
 

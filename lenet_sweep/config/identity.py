@@ -12,7 +12,7 @@ is_config = OmegaConf.is_config
 SHAPING = ("model", "optimizer", "data", "lr", "batch_size", "seed")
 PER_MEMBER = ("lr", "seed")  # what the members of one fused group may differ in (and epochs)
 # What a fused group also shares: where and how its one step runs.
-STEP = ("device", "cuda_graph", "precision")
+STEP = ("device", "cuda_graph", "precision", "seeds")
 # In run names, which the MLflow UI's runs table cuts: short keys; paths and checksums left out.
 _SHORT = {"epochs": "ep", "batch_size": "bs"}
 _UNNAMED = ("lr", "epochs", "model", "optimizer", "data.root", "data.system_root", "data.sha256")
@@ -30,7 +30,7 @@ def run_name(cfg, model: str, optimizer: str, overrides) -> str:
     changed = {}
     for override in overrides:
         key, _, given = override.lstrip("+~").partition("=")
-        if key.split(".")[0] in (*SHAPING, "epochs", "precision") and key not in _UNNAMED:
+        if key.split(".")[0] in (*SHAPING, *STEP[2:], "epochs") and key not in _UNNAMED:
             value = OmegaConf.select(cfg, key, default=given)
             changed[key] = given if is_config(value) else value  # a group: its option's name
     shown = (setting(key, value) for key, value in changed.items())

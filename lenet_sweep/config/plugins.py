@@ -37,12 +37,6 @@ class LenetOptunaSweeperConf:
     n_jobs: int = knob(
         1, "an integer >= 1", "trials in flight at once (fused: the group's slots)", minimum=1
     )
-    repeats: int = knob(
-        1,
-        "an integer >= 1",
-        "seeds a trial trains (seed, seed+1, ...); objectives: their mean",
-        minimum=1,
-    )
     batches: bool = knob(
         False,
         "true or false",

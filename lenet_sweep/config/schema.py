@@ -77,6 +77,12 @@ class RunConfig:
         minimum=1,
     )
     seed: int = knob(42, "an integer, e.g. seed=0", "init and shuffle")
+    seeds: int = knob(
+        1,
+        "an integer >= 1, e.g. seeds=5",
+        "seeds seed..seed+N-1 trained side by side; metrics: their mean, _std beside",
+        minimum=1,
+    )
     device: str = knob("auto", "auto, cpu, cuda or cuda:N", "auto: cuda when available, else cpu")
     cuda_graph: bool = knob(True, "true or false", "on CUDA, steps replayed as CUDA graphs")
     precision: str = knob(

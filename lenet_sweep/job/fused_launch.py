@@ -47,7 +47,7 @@ class FusedLaunch:
         check_knobs(given, FusedLauncherConf, "hydra.launcher.")  # before any study or run
         self.compose = Composer(hydra_context.config_loader, config_)
         self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
-        self.repeats = int(config_.hydra.sweeper.get("repeats", 1))  # seeds a trial, its slots
+        self.repeats = int(config_.get("seeds", 1))  # seeds a trial trains: the slots it takes
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Hydra's batch: every trial prepared, grouped by key, each group trained to its end."""

@@ -70,7 +70,7 @@ class Job:
     resume: Checkpoint | None
     mlrun: TrackedRun
     recorded: bool = False
-    extra_seeds: list = field(default_factory=list)  # (net, optimizer) of seed+1, ... (repeats)
+    extra_seeds: list = field(default_factory=list)  # (net, optimizer) of seed+1, ... (seeds)
 
     @classmethod
     def prepare(cls, cfg: DictConfig) -> Job:
@@ -85,8 +85,7 @@ class Job:
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
         data = load_splits(cfg.data, device)
         net, optimizer = build_model(cfg, device)
-        repeats = int((hydra_job.sweeper_cfg or {}).get("repeats", 1)) if link else 1
-        extra = [build_model(cfg, device, cfg.seed + r) for r in range(1, repeats)]
+        extra = [build_model(cfg, device, cfg.seed + r) for r in range(1, cfg.seeds)]
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
         splits = {"training": data.train, "evaluation": data.test}
         mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume, splits)
@@ -112,9 +111,9 @@ class Job:
         return [*self.seed_hooks(first=True), *self.trial_hooks()]
 
     def seed_hooks(self, first: bool) -> list:
-        """After each epoch of one seed: stop if diverged; the first seed's checkpoint."""
+        """After each epoch of one seed: stop if diverged; a run of one seed's checkpoint."""
         epoch_hooks = [hooks.stop_on_divergence(self.cfg.divergence_threshold)]
-        if first and self.hydra.output_dir:
+        if first and self.hydra.output_dir and not self.extra_seeds:
             path = Path(self.hydra.output_dir) / CHECKPOINT_FILE
             identity = config.identity_text(self.cfg)
             epoch_hooks.append(
@@ -173,16 +172,17 @@ class Job:
         self.mlrun.log_record(result, self.net)
         self.recorded = True
 
-    def complete(self, result: TrainResult) -> dict[str, float]:
-        """Record a finished training (unless `record` did), log its lines, mark the trial's
-        state; the run itself ends when its TrackedRun closes."""
+    def complete(self, result: TrainResult, seeds: dict | None = None) -> dict[str, float]:
+        """Record a finished training (unless `record` did), log its lines (`seeds`: each seed's
+        result, for a line each), mark the trial's state; the run ends when its TrackedRun
+        closes."""
         if not self.recorded:
             self.record(result)
         # A sweep's trial ends with the sweep's one line (and its one UI link) instead.
         level = logging.INFO if self.link is None else logging.DEBUG
         link = backend.ui_link(self.uri, self.experiment_id)
         log.log(level, "MLflow run %s: %s", self.mlrun.run_id, link)
-        _print_seed_lines(result, self.device, level)
+        _print_seed_lines(result, self.device, level, seeds)
         if self.link is not None:
             self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
             self.link.completed(result.train_time_s + result.eval_time_s)
@@ -267,9 +267,19 @@ def _trial_hooks(mlrun: TrackedRun, link: TrialLink | None) -> list:
     return epoch_hooks
 
 
-def _print_seed_lines(result: TrainResult, device, level: int = logging.INFO) -> None:
-    """train_ch6's two closing lines."""
+_CLOSING = ("train_loss", "train_acc", "test_acc")  # train_ch6's: loss, train acc, test acc
+
+
+def _print_seed_lines(result: TrainResult, device, level=logging.INFO, seeds=None) -> None:
+    """train_ch6's two closing lines; with seeds, a line each and their mean ± std first."""
     final = result.final
-    losses = final["train_loss"], final["train_acc"], final["test_acc"]
-    log.log(level, "loss %.3f, train acc %.3f, test acc %.3f", *losses)
+    line = "loss %.3f, train acc %.3f, test acc %.3f"
+    for seed, own in (seeds or {}).items():
+        log.log(level, f"seed {seed}: {line}", *(own.final[k] for k in _CLOSING))
+    if seeds:
+        spread = [v for k in _CLOSING for v in (final[k], final[f"{k}_std"])]
+        shown = line.replace("%.3f", "%.3f ± %.3f")
+        log.log(level, f"mean of {len(seeds)} seeds: {shown}", *spread)
+    else:
+        log.log(level, line, *(final[k] for k in _CLOSING))
     log.log(level, "%.1f examples/sec on %s", result.examples_per_sec, device)

@@ -54,11 +54,11 @@ def _run(cfg: DictConfig) -> dict[str, float]:
         except Exception as e:
             job.failed(e)
             raise
-        return job.complete(result)
+        return job.complete(result, seeds.results() if seeds else None)
 
 
 def _train_seeds(job: Job, seeds) -> TrainResult:
-    """A repeated trial's seeds trained side by side as one fused group on the job's device."""
+    """A run's seeds trained side by side as one fused group on the job's device."""
     from lenet_sweep.fused.trainer import train_group
 
     train_group(seeds.members, job.data, job.spec())

@@ -1,9 +1,8 @@
-"""A trial's repeats (`hydra.sweeper.repeats: R`): its config trained with R seeds, as one trial.
+"""A run's seeds (`seeds: R`): its config trained with R seeds side by side, as one run (or trial).
 
-The seeds are the trial's `seed`, seed+1, ..., seed+R-1, each a member of a fused group: the job's
-own group on any launcher, or R of the fused launcher's slots. Each seed's own hooks (divergence;
-the first seed's checkpoint) run on its own epochs; once every seed has ended epoch e, the
-trial's hooks (its MLflow metrics, pruning) see the mean over the seeds, each metric with its
+The seeds are the run's `seed`, seed+1, ..., seed+R-1, each a member of a fused group: the job's
+own group on any device and launcher, or R of the fused launcher's slots. Each seed's own hooks
+(divergence) run on its own epochs; once every seed has ended epoch e, the run's hooks (its MLflow metrics, pruning) see the mean over the seeds, each metric with its
 standard deviation beside it (`test_acc_std`). A seed that fails, diverges or is pruned stops
 its siblings with it: the trial has one outcome. The trial's model and curves are its first
 seed's; each seed's final metrics are logged as `seed_<seed>.<metric>`.
@@ -26,7 +25,14 @@ class Seeds:
         the trial's, on the mean."""
         self.seeds, self.trial_hooks = list(seeds), trial_hooks
         self.members = [
-            Member(net, opt, epochs, seed, [self._hook(r, own_hooks(r))], name=f"{name} s{seed}")
+            Member(
+                net,
+                opt,
+                epochs,
+                seed,
+                [self._hook(r, own_hooks(r))],
+                name=f"{name} seed {seed}".strip(),
+            )
             for r, ((net, opt), seed) in enumerate(zip(nets, seeds, strict=True))
         ]
         self.result = TrainResult()  # the mean's history; totals at the end
@@ -79,6 +85,10 @@ class Seeds:
         self.result.train_time_s = max(r.train_time_s for r in results)
         self.result.eval_time_s = max(r.eval_time_s for r in results)
         return self.result
+
+    def results(self) -> dict[int, TrainResult]:
+        """Each seed's own result."""
+        return {seed: m.result for seed, m in zip(self.seeds, self.members, strict=True)}
 
     def final_by_seed(self) -> dict[str, float]:
         return {

@@ -75,11 +75,6 @@ class SweepSetup:
             name = str(self.settings.register_model)
             check_plain_name("hydra.sweeper.register_model", name, "lenet-best")
         self.check_objectives()
-        if self.settings.repeats > 1 and "trial" not in self.config:  # the job trains its seeds
-            raise UserError(
-                "hydra.sweeper.repeats: only an app that trains a trial's seeds itself takes it "
-                "(lenet_sweep's); set hydra.sweeper.repeats=1"
-            )
         space, fixed = self.search_space(arguments)
         if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say
             get_method(self.settings.app_checks)(self.config, space, self.group_options)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from lenet_sweep import PROJECT_ROOT
 from lenet_sweep.errors import mask_url
 
-KNOBS = ("epochs", "precision")  # what a researcher compares besides the identity's values
+KNOBS = ("epochs", "precision", "seeds")  # what a researcher compares besides the identity
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:

@@ -1,6 +1,6 @@
-"""`hydra.sweeper.repeats`: a trial trains several seeds, its objective their mean, read back from
-Optuna and MLflow; fused (the seeds as members of the launcher's group) and basic (a group of the
-job's own)."""
+"""`seeds=N`: a run, or each trial of a sweep, trains N seeds side by side, its metrics (and a
+trial's objective) their mean, read back from the log, Optuna and MLflow; in a sweep fused (the
+seeds as members of the launcher's group) and basic (a group of the job's own)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from optuna.trial import TrialState
 
 from lenet_sweep.tracking import backend as tracking_backend
-from tests.conftest import SMALL, run_cli
+from tests.conftest import SMALL, run_cli, runs_of
 
 REPEATED = [
-    "hydra.sweeper.repeats=3",
+    "seeds=3",
     "hydra/sweeper/sampler=grid",
     "lr=choice(0.3, 0.9)",
     "hydra.sweeper.n_trials=4",
@@ -66,13 +66,38 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
     assert abs(_seeds_of(run)[44] - test_acc) <= 0.02
     out = proc.stdout
     for seed in (42, 43, 44):  # each seed's epochs in the log
-        assert f" s{seed}: epoch 1/" in out
+        assert f" seed {seed}: epoch 1/" in out
 
 
-def test_repeats_are_at_least_one(sweep):
-    proc = sweep.run("hydra.sweeper.repeats=0")
+def test_a_single_run_of_three_seeds(tmp_path, mlflow_uri, experiment):
+    """`python -m lenet_sweep seeds=3`: each seed's closing line and their mean ± std, one MLflow
+    run with the mean's curves and their standard deviations, each seed's finals."""
+    proc = run_cli(*SMALL, "seeds=3", f"mlflow.tracking_uri={mlflow_uri}",
+                   f"mlflow.experiment={experiment}", f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    found = {int(m[1]): float(m[2]) for ln in lines
+             if (m := re.fullmatch(r"seed (\d+): loss .*, test acc (\d\.\d+)", ln))}  # fmt: skip
+    assert sorted(found) == [42, 43, 44]
+    mean = re.search(r"mean of 3 seeds: loss .* test acc (\d\.\d+) ± (\d\.\d+)", proc.stdout)
+    assert mean and float(mean[1]) == pytest.approx(statistics.fmean(found.values()), abs=1e-3)
+    assert float(mean[2]) == pytest.approx(statistics.pstdev(found.values()), abs=1e-3)
+    client, runs = runs_of(mlflow_uri, experiment)
+    [run] = runs
+    assert run.data.params["seeds"] == "3" and run.info.status == "FINISHED"
+    assert sorted(_seeds_of(run)) == [42, 43, 44]
+    for key in ("test_acc", "test_acc_std", "train_loss_std"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1]
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()  # a run of seeds keeps none
+
+
+def test_seeds_are_at_least_one_and_repeats_is_gone(sweep):
+    proc = sweep.run("seeds=0")
     assert proc.returncode == 2
-    assert "hydra.sweeper.repeats=0: must be an integer >= 1" in proc.stderr
+    assert "seeds=0: must be an integer >= 1" in proc.stderr
+    proc = sweep.run("hydra.sweeper.repeats=3")
+    assert proc.returncode == 2
+    assert "hydra.sweeper.repeats=3: gone; seeds=3 is the run knob now" in proc.stderr
 
 
 @pytest.mark.slow

@@ -119,3 +119,12 @@ def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):
         else:  # every seed of a trial run again from its start
             assert run.info.status == "FINISHED" and sorted(_seeds_of(run)) == [42, 43, 44]
             assert run.data.metrics["epochs_run"] == trials[number].params["epochs"]
+
+
+def test_a_diverging_seed_is_named(tmp_path, mlflow_uri, experiment):
+    proc = run_cli(*SMALL, "seeds=2", "lr=50", f"mlflow.tracking_uri={mlflow_uri}",
+                   f"mlflow.experiment={experiment}", f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert re.search(r"^error: seed 4[23]: training diverged at epoch 1: ", proc.stderr, re.M)
+    _, [run] = runs_of(mlflow_uri, experiment)
+    assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"

@@ -21,13 +21,18 @@ class Diverged(UserError):
 
     exit_code = EXIT_DIVERGED
 
-    def __init__(self, epoch: int, loss: float, threshold: float | None = None):
+    def __init__(self, epoch: int, loss: float, threshold=None, seed: int | None = None):
         limit = "" if threshold is None or not math.isfinite(loss) else f" > {threshold:g}"
+        which = "" if seed is None else f"seed {seed}: "  # one of a run's seeds
         super().__init__(
-            f"training diverged at epoch {epoch}: train loss {loss:g}{limit}; "
+            f"{which}training diverged at epoch {epoch}: train loss {loss:g}{limit}; "
             "lower lr or change the optimizer"
         )
-        self.epoch, self.loss = epoch, loss
+        self.epoch, self.loss, self.threshold = epoch, loss, threshold
+
+    def of_seed(self, seed: int) -> Diverged:
+        """The same divergence, saying which of a run's seeds it was."""
+        return Diverged(self.epoch, self.loss, self.threshold, seed)
 
 
 def stop_on_divergence(threshold: float | None) -> EpochHook:

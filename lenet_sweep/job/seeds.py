@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+from lenet_sweep.core.hooks import Diverged
 from lenet_sweep.core.state import EpochHook, TrainResult, TrainState
 from lenet_sweep.fused.trainer import Member
 
@@ -52,6 +53,9 @@ class Seeds:
                     mean = self._mean(self._ended.pop(state.epoch))
                     for trial_hook in self.trial_hooks:
                         trial_hook(mean)
+            except Diverged as e:  # the trial's reason says which seed
+                self.stop(e.of_seed(self.seeds[r]))
+                raise self.error from e
             except Exception as e:
                 self.stop(e)
                 raise

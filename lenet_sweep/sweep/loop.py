@@ -44,8 +44,9 @@ _LAUNCHER_LOGS = (
 
 
 def _one_log_format() -> None:
-    """Optuna's INFO lines off and its warnings through the app's handlers, in the app's format;
-    the launchers' job lines off."""
+    """Optuna's INFO lines off and its warnings (and Python's) through the app's handlers, in the
+    app's format; the launchers' job lines off."""
+    logging.captureWarnings(True)  # Python warnings (Optuna's plots') as timed log lines
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()

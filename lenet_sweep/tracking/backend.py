@@ -163,12 +163,20 @@ def _store_error(uri: str, name: str, error: Exception) -> UserError:
     )
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
 def ui_link(uri: str, experiment_id: str) -> str:
-    """How to see an experiment in the MLflow UI, on its runs table in our VIEW: MLflow 3.17's UI
-    picks GenAI or model-training pages by the `workflowType` in the link, not the tag."""
-    serve = f"mlflow ui --backend-store-uri {mask_url(uri)}" if sqlite_path(uri) else mask_url(uri)
+    """How to see an experiment in the MLflow UI, on its runs table in our VIEW, as a whole
+    address: a sqlite store's through the `mlflow ui` command that serves it (on its default
+    address), a tracking server's on the server itself. MLflow 3.17's UI picks GenAI or
+    model-training pages by the `workflowType` in the link, not the tag."""
     page = f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
-    return f"{serve}, then open {page}&workflowType=machine_learning"
+    page += "&workflowType=machine_learning"
+    if sqlite_path(uri):
+        return f"mlflow ui --backend-store-uri {mask_url(uri)}, then open {UI_ADDRESS}{page}"
+    server = re.sub(r"^(\w+://)[^@/]*@", r"\1", uri.rstrip("/"))  # no credentials in a link
+    return f"{server}{page}"
 
 
 _repaired: set[tuple[str, str]] = set()

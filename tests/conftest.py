@@ -233,3 +233,45 @@ def ray_cluster(tmp_path):
     finally:
         stop_processes_of(str(token))  # this cluster's only: `ray stop` ends every Ray here
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def train_refilled(members, data, spec, next_member=None, on_leave=None, occupancy=None):
+    """The fused trainer (GroupTrainer) driven at the engine's level as lenet_sweep.job.scheduler
+    drives it: at each boundary the epoch is collected, the leavers handed to `on_leave(member)`,
+    then each freed slot asks `next_member(slot)` (None: the tail) and the newcomers are written
+    (on CUDA at the next boundary: the next epoch launched before the hooks). Returns the
+    Occupancy."""
+    from lenet_sweep.fused.trainer import GroupTrainer
+
+    trainer, pending = GroupTrainer(members, data, spec, occupancy), {}
+    leave = on_leave or (lambda member: None)
+    for member in trainer.left_at_start:
+        leave(member)
+
+    def write() -> None:
+        for slot, member in list(pending.items()):
+            del pending[slot]
+            if not trainer.write(slot, member):
+                leave(member)
+
+    if trainer.group is not None:
+        trainer.launch()
+    while trainer.in_flight:
+        ended = trainer.collect()
+        if trainer.overlaps:
+            write()
+            trainer.launch()
+        for member in trainer.run_hooks(ended):
+            leave(member)
+        for slot in trainer.free_slots():
+            if next_member is None or trainer.tail or slot in pending:
+                continue
+            if (new := next_member(slot)) is None:
+                trainer.tail = True
+            else:
+                pending[slot] = new
+        if not trainer.overlaps:
+            write()
+            trainer.launch()
+    trainer.close()
+    return trainer.occupancy

@@ -15,8 +15,9 @@ from lenet_sweep.core.data import Splits, load_split
 from lenet_sweep.core.hooks import save_checkpoint
 from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
-from lenet_sweep.fused.trainer import Member, train_graphed, train_group
+from lenet_sweep.fused.trainer import Member, train_graphed
 from lenet_sweep.job.job import build_model as build
+from tests.conftest import train_refilled
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")
@@ -68,9 +69,8 @@ def test_fused_member_matches_its_solo_cpu_run(make_cfg):
     def on_leave(member):
         handed_over[id(member)] = [p.cpu() for p in member.net.parameters()]
 
-    train_group(
-        members, Splits(*splits), StepSpec(batch_size=cfg.batch_size, graph=True), on_leave=on_leave
-    )
+    spec = StepSpec(batch_size=cfg.batch_size, graph=True)
+    train_refilled(members, Splits(*splits), spec, on_leave=on_leave)
     for m in members:  # what on_leave read is the member's final state, not a stale copy
         assert all(
             torch.equal(a, b.cpu())
@@ -156,13 +156,9 @@ def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
         net, optimizer = build(make_cfg(f"lr={lr}", f"seed={seed}"), CUDA)
         members.append(Member(net, optimizer, epochs, seed))
     queue, occupancy = members[2:], Occupancy()
-    train_group(
-        members[:2],
-        Splits(*splits),
-        StepSpec(batch_size=256, graph=True),
-        refill=lambda slot: queue.pop(0) if queue else None,
-        occupancy=occupancy,
-    )
+    spec = StepSpec(batch_size=256, graph=True)
+    refill = lambda slot: queue.pop(0) if queue else None  # noqa: E731
+    train_refilled(members[:2], Splits(*splits), spec, refill, occupancy=occupancy)
     assert [len(m.result.history) for m in members] == [1, 3, 2, 2]
     assert occupancy.live_epochs == 8
     for (lr, seed, epochs), member in zip(specs, members, strict=True):

@@ -24,7 +24,7 @@ from lenet_sweep.fused.group import Group
 from lenet_sweep.fused.trainer import Member, train_group
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import backend as tracking_backend
-from tests.conftest import PRUNED_AND_COMPLETE, model_of
+from tests.conftest import PRUNED_AND_COMPLETE, model_of, train_refilled
 
 CPU = torch.device("cpu")
 FUSED = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4", "hydra.sweeper.n_trials=4"]
@@ -123,7 +123,7 @@ def test_a_member_is_handed_over_as_it_leaves_while_the_others_train(trial):
     def on_leave(member):  # what the other member had done by then, and the leaver's weights
         left.append((member, len(members[1].result.history), member.net[0].weight.clone()))
 
-    train_group(members, Splits(*splits), StepSpec(batch_size=256, graph=False), on_leave=on_leave)
+    train_refilled(members, Splits(*splits), StepSpec(batch_size=256), on_leave=on_leave)
     assert [(id(m), seen) for m, seen, _ in left] == [(id(members[0]), 1), (id(members[1]), 3)]
     # The leaver's net holds its own final weights, untouched by the epochs trained after it.
     assert torch.equal(left[0][2], members[0].net[0].weight)

@@ -121,7 +121,7 @@ def test_every_package_ships():
     import tomllib
 
     settings = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {".".join(p.parent.relative_to(PROJECT_ROOT).parts)
-               for package in PACKAGES for p in (PROJECT_ROOT / package).rglob("*.py")}  # fmt: skip
+    files = [p for package in PACKAGES for p in (PROJECT_ROOT / package).rglob("*.py")]
+    folders = {".".join(p.parent.relative_to(PROJECT_ROOT).parts) for p in files}
     assert set(settings["packages"]) == folders | {"lenet_sweep.conf", "hydra_plugins"}
     assert settings["package-dir"] == {"lenet_sweep.conf": "conf"}

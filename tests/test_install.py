@@ -20,10 +20,9 @@ def _wheel_from_sdist(folder) -> list:
     """The sdist built from a copy of the checkout's files, then the wheel built from the sdist
     (so both must carry conf/), all in `folder`: nothing is built in the checkout."""
     source, dist = folder / "source", folder / "dist"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT, check=True,
-        capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
+    git = ["git", "ls-files", "-co", "--exclude-standard"]
+    listed = subprocess.run(git, cwd=PROJECT_ROOT, check=True, capture_output=True, text=True)
+    listed = listed.stdout.split()
     for name in listed:
         if (PROJECT_ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)

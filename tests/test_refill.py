@@ -13,10 +13,10 @@ from optuna.trial import TrialState
 from lenet_sweep.core.data import Splits, load_split
 from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
-from lenet_sweep.fused.trainer import Member, Occupancy, train_group
+from lenet_sweep.fused.trainer import Member, Occupancy
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import backend as tracking_backend
-from tests.conftest import SMALL, run_cli
+from tests.conftest import SMALL, run_cli, train_refilled
 
 CPU = torch.device("cpu")
 EPOCHS = [1, 4, 2, 3, 1, 2, 4, 1, 3, 2, 1, 2]  # twelve trials, each its own length
@@ -62,10 +62,8 @@ def test_each_freed_slot_takes_the_next_trial_at_the_next_boundary(make, optimiz
         left.append((occupancy.slot_epochs // 4, slot_of[id(member)]))
 
     first, queue[:] = queue[:4], queue[4:]
-    hooks = {"on_leave": on_leave, "refill": refill}
-    train_group(
-        first, Splits(*splits), StepSpec(batch_size=256, graph=False), **hooks, occupancy=occupancy
-    )
+    spec = StepSpec(batch_size=256, graph=False)
+    train_refilled(first, Splits(*splits), spec, refill, on_leave, occupancy)
     assert [len(m.result.history) for m in members] == EPOCHS
     # Each of the first eight departures (the study still had trials) refilled its own slot at
     # the same boundary; the ninth found the queue empty: the tail began.

@@ -72,12 +72,12 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
 def test_a_single_run_of_three_seeds(tmp_path, mlflow_uri, experiment):
     """`python -m lenet_sweep seeds=3`: each seed's closing line and their mean ± std, one MLflow
     run with the mean's curves and their standard deviations, each seed's finals."""
-    proc = run_cli(*SMALL, "seeds=3", f"mlflow.tracking_uri={mlflow_uri}",
-                   f"mlflow.experiment={experiment}", f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    store = [f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}"]
+    proc = run_cli(*SMALL, "seeds=3", *store, f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    found = {int(m[1]): float(m[2]) for ln in lines
-             if (m := re.fullmatch(r"seed (\d+): loss .*, test acc (\d\.\d+)", ln))}  # fmt: skip
+    pattern = re.compile(r"seed (\d+): loss .*, test acc (\d\.\d+)")
+    found = {int(m[1]): float(m[2]) for m in map(pattern.fullmatch, lines) if m}
     assert sorted(found) == [42, 43, 44]
     mean = re.search(r"mean of 3 seeds: loss .* test acc (\d\.\d+) ± (\d\.\d+)", proc.stdout)
     assert mean and float(mean[1]) == pytest.approx(statistics.fmean(found.values()), abs=1e-3)
@@ -122,8 +122,8 @@ def test_a_killed_repeated_trial_runs_all_its_seeds_again(sweep):
 
 
 def test_a_diverging_seed_is_named(tmp_path, mlflow_uri, experiment):
-    proc = run_cli(*SMALL, "seeds=2", "lr=50", f"mlflow.tracking_uri={mlflow_uri}",
-                   f"mlflow.experiment={experiment}", f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    store = [f"mlflow.tracking_uri={mlflow_uri}", f"mlflow.experiment={experiment}"]
+    proc = run_cli(*SMALL, "seeds=2", "lr=50", *store, f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert re.search(r"^error: seed 4[23]: training diverged at epoch 1: ", proc.stderr, re.M)
     _, [run] = runs_of(mlflow_uri, experiment)

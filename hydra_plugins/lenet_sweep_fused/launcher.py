@@ -23,6 +23,6 @@ class FusedLauncher(Launcher):
     def launch(self, job_overrides, initial_job_idx: int):
         return self.fused.launch(job_overrides, initial_job_idx)
 
-    def stream(self, feed, slots: int) -> None:
+    def stream(self, feed, slots: int, refill: bool = True) -> None:
         """lenet_sweep.sweep.protocol.TrialFeed: each freed slot takes the feed's next trial."""
-        return self.fused.stream(feed, slots)
+        return self.fused.stream(feed, slots, refill)

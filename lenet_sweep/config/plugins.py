@@ -11,7 +11,7 @@ from lenet_sweep.config.knobs import knob
 @dataclass
 class LenetOptunaSweeperConf:
     """The official hydra-optuna-sweeper's keys, plus pruner, heartbeat, objectives, warm starts
-    and the project-specific parts, each off unless an app turns it on."""
+    and the one point an app plugs its additions in (`app`), off unless an app sets it."""
 
     _target_: str = "hydra_plugins.lenet_sweep_optuna.sweeper.LenetOptunaSweeper"
     defaults: list[Any] = field(
@@ -61,13 +61,12 @@ class LenetOptunaSweeperConf:
     )
     # range(a, b) ends: false = Hydra's grammar (b excluded); true = the official plugin's (b in)
     inclusive_range_end: bool = False
-    # MLflow: a parent run per study, read from the app's `mlflow` node (tracking_uri, experiment)
-    mlflow: bool = False
     register_model: str | None = knob(
         None, "null or a name", "the best trial's model into MLflow's Model Registry as this"
     )
-    # "module.fn": fn(config, search_space, group_options) checks a sweep before it starts
-    app_checks: str | None = None
+    # "module.Class", a lenet_sweep.sweep.app.SweepApp: what the app adds to the sweep (its
+    # checks, its records of the study and the trials); null: nothing, the study alone
+    app: str | None = None
 
 
 # hydra/launcher=<name>: what it does, and the package (and this project's extra) it needs.
@@ -79,6 +78,21 @@ LAUNCHERS = {
     "slurm": ("trials as SLURM jobs, through submitit", ("hydra-submitit-launcher", "slurm")),
     "ray": ("trials as tasks of a local Ray", ("hydra-ray-launcher", "ray")),
     "ray_cluster": ("trials as tasks on a Ray cluster", ("hydra-ray-launcher", "ray")),
+}
+
+# How a sweep hands its trials to each launcher (lenet_sweep.sweep.dispatch): Hydra's "batches"
+# (n_jobs launched, told once all end), "in_flight:<adapter>" (each trial alone, the next the
+# moment one ends: sweep/in_flight.py's adapters, built on each plugin's internals), "streamed"
+# (the launcher asks for each trial). A launcher not named here gets batches, said in one line.
+DISPATCH = {
+    "basic": "batches",
+    "fused": "streamed",
+    "joblib": "in_flight:joblib",
+    "submitit_local": "in_flight:submitit",
+    "submitit_slurm": "in_flight:submitit",
+    "slurm": "in_flight:submitit",
+    "ray": "in_flight:ray",
+    "ray_cluster": "in_flight:ray",
 }
 
 # Samplers and pruners by name: hydra/sweeper/sampler=<name>, hydra/sweeper/pruner=<name>.

@@ -5,22 +5,21 @@ Xavier init), its own lr, epochs and shuffle stream, and its own per-epoch hooks
 are stacked along a leading K axis and one step trains all of them (lenet_sweep.fused.epoch).
 
 After each epoch the group reads its metrics once, copies each member's slice back into its own
-net, optimizer and shuffle stream, launches the next epoch, and only then runs each member's
-hooks on its TrainState, as the eager loop does (on CUDA while the next epoch trains; the hooks
-read their copies on a side stream; the CPU trains as it launches, so there the hooks run first).
-A member whose hook raises, or that reaches its epochs, leaves; the others go on. With `refill`,
-its slot takes the next trial at the boundary: the newcomer's weights, optimizer state, lr and
-shuffle stream are written into the slot's slice in place, so a captured epoch replays it as is.
-Slots nothing refills ride along (ignored) until the group has shrunk to half, when it is
-compacted and recaptured: a few captures a sweep, not one per departure. A stop request (Ctrl-C,
-SIGTERM) launches no further epoch: this epoch's hooks run, then it stops.
+net, optimizer and shuffle stream, and runs each member's hooks on its TrainState, as the eager
+loop does (on CUDA while the next epoch trains: the hooks read their copies on a side stream;
+the CPU trains as it launches, so there the hooks run first). A member whose hook raises, or
+that reaches its epochs, leaves; the others go on. A scheduler may write a newcomer into a freed
+slot at a boundary: its weights, optimizer state, lr and shuffle stream go into the slot's slice
+in place, so a captured epoch replays it as is. Slots nothing refills ride along (ignored) until
+the group has shrunk to half, when it is compacted and recaptured: a few captures a sweep, not
+one per departure. A stop request (Ctrl-C, SIGTERM) launches no further epoch: this epoch's
+hooks run, then it stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,110 +89,115 @@ def check_fusable(net: nn.Module) -> None:
         )
 
 
-def train_group(
-    members: list[Member],
-    data: Splits,
-    spec: StepSpec,
-    *,
-    on_leave: Callable[[Member], None] | None = None,
-    refill: Callable[[int], Member | None] | None = None,
-    occupancy: Occupancy | None = None,
-) -> Occupancy:
-    """Train every member to its epochs (or until its hooks stop it); see the module docstring.
-    Each member's `state.result` holds its history; `error` what stopped it, if anything.
-    `on_leave(member)` runs as each member leaves, after its hooks (on CUDA while the others
-    train): the place for the slow part of recording a finished trial. `refill(slot)` gives the
-    member that takes a freed slot, None once there is none (the group's tail begins). Returns
-    how busy the group's slots were (counted into `occupancy` as it goes, if given)."""
-    device = data.train.labels.device
-    occupancy = occupancy if occupancy is not None else Occupancy()
-    riding = start_members(members, device, on_leave)
-    if not riding:
-        return occupancy
-    group = Group.stack(riding, len(data.train), device)
-    slots = _SlotRefill(group, refill, on_leave, device)
-    new_epoch = functools.partial(Epoch, data=data, spec=spec)
-    epoch_fn = new_epoch(group)
-    bar = states.progress_bar(max(m.epochs for m in riding), "epochs", spec.progress)
-    hooks_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    epoch_fn.launch()
-    while epoch_fn is not None:
-        sums, train_s, eval_s = epoch_fn.collect()
-        ended = _end_epoch(group, sums, train_s, eval_s, data.sizes())
-        occupancy.add(len(ended), len(riding), tail=slots.tail)
-        occupancy.train_s += train_s
-        bar.update()
-        if hooks_stream is None:  # the CPU trains as it launches: hooks first, their slots refill
-            slots.leave(ended)
-            group, epoch_fn = _next_epoch(slots, epoch_fn, new_epoch)
-        else:  # the next epoch trains while the hooks run; the hooks read their copies only
-            hooks_stream.wait_stream(torch.cuda.current_stream(device))
-            group, epoch_fn = _next_epoch(slots, epoch_fn, new_epoch)
-            with torch.cuda.stream(hooks_stream):
-                slots.leave(ended)
-            torch.cuda.current_stream(device).wait_stream(hooks_stream)
+class GroupTrainer:
+    """A fused group's epochs, one boundary at a time: what a scheduler drives (the plain loop
+    is `train_group`; a sweep's refilling one is lenet_sweep.job.scheduler). Each boundary:
+    `collect` the epoch (each member's stats and own copies), `run_hooks` on those that rode it
+    (who leaves: reached its epochs, or a hook raised), `write` newcomers into freed slots,
+    `launch` the next epoch. On CUDA `launch` may come before `run_hooks` (`overlaps`): the
+    next epoch trains while the hooks read their copies on a side stream."""
+
+    def __init__(self, members: list[Member], data: Splits, spec: StepSpec, occupancy=None):
+        self.data, self.spec, self.device = data, spec, data.train.labels.device
+        self.occupancy = occupancy if occupancy is not None else Occupancy()
+        self.tail = False  # set by a scheduler once nothing is left to refill from
+        self.left_at_start = [m for m in members if not start_members([m], self.device)]
+        riding = [m for m in members if m not in self.left_at_start]
+        self.slots = len(riding)
+        self.group = Group.stack(riding, len(data.train), self.device) if riding else None
+        self.epoch = Epoch(self.group, data, spec) if riding else None
+        self.hooks_stream = torch.cuda.Stream(self.device) if self.overlaps else None
+        longest = max((m.epochs for m in riding), default=0)
+        self.bar = states.progress_bar(longest, "epochs", spec.progress)
+        self.in_flight = False  # an epoch launched, not collected yet
+
+    @property
+    def overlaps(self) -> bool:
+        return self.device.type == "cuda"
+
+    def free_slots(self) -> list[int]:
+        return [k for k, m in enumerate(self.group.members) if m.done or m.error]
+
+    def write(self, slot: int, member: Member) -> bool:
+        """A newcomer into a freed slot, in place (a captured epoch replays it as is); False
+        when it has nothing to train (resumed at its end): it leaves at once."""
+        if not start_members([member], self.device):
+            return False
+        self.group.write(slot, member)
+        return True
+
+    def launch(self) -> bool:
+        """The next epoch of every member that may go on (compacted once half the slots idle:
+        one recapture for the tail); False when none may, or a stop was requested."""
+        active = [k for k, m in enumerate(self.group.members) if not (m.done or m.error)]
+        if not active or signals.pending():
+            return False
+        if len(active) <= len(self.group.members) // 2:
+            self.group = self.group.compacted(active)
+            self.epoch = Epoch(self.group, self.data, self.spec)
+        self.epoch.launch()
+        self.in_flight = True
+        return True
+
+    def collect(self) -> list[Member]:
+        """The launched epoch's end for each member that rode it: stats and log line, its own
+        net, optimizer and shuffle stream; returns those members (their hooks not run yet)."""
+        sums, train_s, eval_s = self.epoch.collect()
+        self.in_flight = False
+        ended = _end_epoch(self.group, sums, train_s, eval_s, self.data.sizes())
+        if self.hooks_stream is not None:  # the hooks read the copies queued so far, not what
+            self.hooks_stream.wait_stream(torch.cuda.current_stream(self.device))  # comes next
+        self.occupancy.add(len(ended), self.slots, tail=self.tail)
+        self.occupancy.train_s += train_s
+        self.bar.update()
+        return ended
+
+    def run_hooks(self, ended: list[Member]) -> list[Member]:
+        """Each member's hooks on the epoch it ended (on the side stream while the next epoch
+        trains); returns those that leave. A hook may stop another member (a run's seeds)."""
+        if self.hooks_stream is None:
+            return _hooks_of(ended)
+        with torch.cuda.stream(self.hooks_stream):
+            leaving = _hooks_of(ended)
+        torch.cuda.current_stream(self.device).wait_stream(self.hooks_stream)
+        return leaving
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _hooks_of(ended: list[Member]) -> list[Member]:
+    for m in ended:
+        _run_hooks(m)
+    return [m for m in ended if m.done or m.error]
+
+
+def train_group(members: list[Member], data: Splits, spec: StepSpec, occupancy=None) -> Occupancy:
+    """Train every member to its epochs (or until its hooks stop it), no refill. Each member's
+    `state.result` holds its history; `error` what stopped it, if anything."""
+    trainer = GroupTrainer(members, data, spec, occupancy)
+    if trainer.group is None:
+        return trainer.occupancy
+    trainer.launch()
+    while trainer.in_flight:
+        ended = trainer.collect()
+        if trainer.overlaps:
+            trainer.launch()
+        trainer.run_hooks(ended)
+        if not trainer.overlaps:
+            trainer.launch()
         signals.check()  # Ctrl-C / SIGTERM: stop at the epoch boundary
-    bar.close()
-    return occupancy
+    trainer.close()
+    return trainer.occupancy
 
 
-@dataclass
-class _SlotRefill:
-    """A group's slots through training: who leaves, who takes a freed slot."""
-
-    group: Group
-    refill: Callable[[int], Member | None] | None
-    on_leave: Callable[[Member], None] | None
-    device: torch.device
-    tail: bool = False  # refill had nothing left
-
-    def leave(self, ended: list[Member]) -> None:
-        """Each member's hooks on the epoch it ended; then those that leave are handed on (a
-        hook may stop another member: a repeated trial's seeds stop together)."""
-        for m in ended:
-            _run_hooks(m)
-        for m in ended:
-            if self.on_leave is not None and (m.done or m.error):
-                self.on_leave(m)
-
-    def refilled(self) -> None:
-        """Each freed slot takes refill's next member, until it has none."""
-        for k, m in enumerate(self.group.members):
-            while self.refill and not self.tail and (m.done or m.error):
-                new = self.refill(k)
-                if new is None:
-                    self.tail = True
-                elif start_members([new], self.device, self.on_leave):
-                    self.group.write(k, new)
-                    m = new
-
-
-def _next_epoch(slots: _SlotRefill, epoch_fn: Epoch, new_epoch) -> tuple[Group, Epoch | None]:
-    """Refill freed slots, then launch the next epoch of every member that may go on (on CUDA
-    before this epoch's hooks: it trains while they run, and a member they stop rides it in
-    vain). None when all have left."""
-    slots.refilled()
-    group = slots.group
-    active = [k for k, m in enumerate(group.members) if not (m.done or m.error)]
-    if not active:
-        return group, None
-    if len(active) <= len(group.members) // 2:  # the tail: half the work, one recapture
-        group = slots.group = group.compacted(active)
-        epoch_fn = new_epoch(group)
-    if not signals.pending():  # a stop: this epoch's hooks, no more
-        epoch_fn.launch()
-    return group, epoch_fn
-
-
-def start_members(members: list[Member], device: torch.device, on_leave=None) -> list[Member]:
+def start_members(members: list[Member], device: torch.device) -> list[Member]:
     """Each member's TrainState (restored from its checkpoint if resumed); those with epochs
-    left to train. One resumed at its end leaves at once."""
+    left to train. One resumed at its end is done at once."""
     for m in members:
         check_fusable(m.net)
         m.state = states.start(m.net, m.optimizer, m.seed, device, m.resume)
         m.done = m.state.epoch >= m.epochs
-        if m.done and on_leave is not None:
-            on_leave(m)
     return [m for m in members if not m.done]
 
 

@@ -54,9 +54,11 @@ def resolve(devices) -> list[str]:
 ENGINES = ("local", "submitit_local", "slurm", "ray")
 
 
-def run(devices: list[str], engine: str = "local", settings=None) -> None:
+def run(devices: list[str], settings=None) -> None:
     """Rounds of one worker a device until a round ends with every worker done; a round in
-    which a worker was killed is followed by another (at most one a device)."""
+    which a worker was killed is followed by another (at most one a device). `settings`:
+    hydra.launcher's engine, submitit and ray, and the sweep's stale_after and sweep_dir."""
+    engine = (settings or {}).get("engine") or "local"
     for _ in range(len(devices) + 1):
         if engine == "local":
             codes = _round(devices)

@@ -11,8 +11,9 @@ without waiting for the others:
   submits the job and waits on it);
 - Ray (local or a cluster): the plugin's own `launch_job_on_ray` for one trial, whose ObjectRef
   is a future (its `launch` submits them all, then waits on each).
-Basic (in this process) and Ray on AWS keep batches. It can go when Hydra's launchers offer a
-launch that does not block.
+Each adapter, `adapter(launcher)`, is a `submit(number, overrides) -> Future[JobReturn]`; which
+launcher takes which is config.plugins.DISPATCH. Basic (in this process) and Ray on AWS keep
+batches. It can go when Hydra's launchers offer a launch that does not block.
 """
 
 from __future__ import annotations
@@ -23,18 +24,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def submitter(launcher):
-    """`submit(number, overrides) -> Future[JobReturn]` for this launcher; None: batches only."""
-    module = type(launcher).__module__
-    if module.startswith("hydra_plugins.hydra_joblib_launcher"):
-        return _Loky(launcher)
-    if module.startswith("hydra_plugins.hydra_submitit_launcher"):
-        return _Threads(launcher)
-    if module == "hydra_plugins.hydra_ray_launcher.ray_launcher":
-        return _Ray(launcher)
-    return None
 
 
 class _Loky:
@@ -125,3 +114,6 @@ class _Ray:
 
     def close(self) -> None:
         pass  # an interrupted sweep's tasks end as in batches: their trials were failed for a rerun
+
+
+ADAPTERS = {"joblib": _Loky, "submitit": _Threads, "ray": _Ray}  # by config.plugins.DISPATCH

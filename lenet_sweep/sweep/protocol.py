@@ -26,10 +26,11 @@ MLflow store. End to end, in order:
    is run again.
 5. Repair on the next start: trials of dead workers are failed and their MLFLOW_RUN_ID runs KILLED.
 
-A launcher gets its trials in one of two ways. Hydra's: a batch of n_jobs trials to `launch`,
-whose JobReturns come back together. Or, from a launcher with `stream(feed, slots)` (the fused
-one) unless hydra.sweeper.batches is set, a TrialFeed: the launcher asks for the next trial
-whenever a slot is free and hands back each JobReturn as it comes.
+A launcher gets its trials in one of three ways (lenet_sweep.sweep.dispatch, by the table
+config.plugins.DISPATCH): Hydra's batches of n_jobs trials to `launch`, whose JobReturns come
+back together; in flight, each trial launched alone the moment a slot frees; or streamed, to a
+launcher with `stream(feed, slots, refill)` (the fused one): it asks its TrialFeed for the next
+trial whenever a slot is free and hands back each TrialResult as it comes.
 """
 
 from __future__ import annotations
@@ -127,9 +128,32 @@ class Outcome:
     rate: float | None = None  # the job's examples/sec, unless it trained with others
 
 
-# On a JobReturn: the job trained together with others (a fused group): (the group's id, its
-# Occupancy, counted until the group ends). The launcher logs the group's rate once.
-TRAINED_TOGETHER = "trained_together"
+class SlotCounts(Protocol):
+    """How busy a group's slots were (lenet_sweep.fused.trainer.Occupancy): epochs trained by
+    live trials of the slot-epochs, and of those the group's tail (nothing left to refill)."""
+
+    live_epochs: int
+    slot_epochs: int
+    tail_live: int
+    tail_slots: int
+
+
+@dataclass(frozen=True)
+class GroupShare:
+    """A trial trained with others as one group: the group's id and its counts so far."""
+
+    group_id: str
+    counts: SlotCounts
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What a launcher hands back for one trial: its number (its job's idx), Hydra's JobReturn,
+    and, from a fused group, the group it trained in."""
+
+    number: int
+    ret: JobReturn
+    group: GroupShare | None = None
 
 
 class TrialFeed(Protocol):
@@ -139,12 +163,13 @@ class TrialFeed(Protocol):
     def next_job(self) -> tuple[int, list[str]] | None:
         """The next trial's number (its job's idx) and overrides; None: nothing left to ask."""
 
-    def finished(self, idx: int, ret: JobReturn) -> None:
-        """Job `idx`'s return: its trial is told now (an outage raises errors.Outage)."""
+    def finished(self, result: TrialResult) -> None:
+        """A trial's result: its trial is told now (an outage raises errors.Outage)."""
 
 
-def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
+def job_outcome(ret: JobReturn, objectives: list[str], alone: bool = True) -> Outcome:
     """Finite values of the objectives -> COMPLETE; TrialPruned -> PRUNED; else FAIL, with why.
+    `alone`: the job trained by itself (its examples/sec is its own, not a group's).
 
     A job returns a mapping of metrics (the objectives are looked up by name), or, from an app
     that knows the objectives itself, one number or a list of numbers in their order.
@@ -169,7 +194,6 @@ def job_outcome(ret: JobReturn, objectives: list[str]) -> Outcome:
     if len(values) != len(objectives) or not all(math.isfinite(v) for v in values):
         return _failed(ValueError(f"job returned {_shown(values)} for {objectives}"))
     rate = returned.get("examples_per_sec") if isinstance(returned, Mapping) else None
-    alone = getattr(ret, TRAINED_TOGETHER, None) is None
     return Outcome(TrialState.COMPLETE, values=values, rate=rate if alone else None)
 
 

@@ -3,13 +3,18 @@ best trial on the parent run, and its closing lines (or why it failed)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from optuna.trial import TrialState
 
 from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
+from lenet_sweep.process import HOST
 from lenet_sweep.sweep import protocol, study_db
 
 log = logging.getLogger("lenet_sweep.sweep")
@@ -81,6 +86,30 @@ def log_occupancy(groups: dict, parent) -> None:
     log.info("fused slots: %d of %d slot-epochs trained a live trial (%s)", live, slots, share)
 
 
+_WORKERS = ".workers"  # in the sweep dir: each fused worker's group counts, for its driver
+_COUNTS = ("live_epochs", "slot_epochs", "tail_live", "tail_slots")
+
+
+def save_worker_groups(sweep_dir, groups: dict) -> None:
+    """A fused worker's groups' slot counts, for its driver's closing lines."""
+    folder = Path(sweep_dir) / _WORKERS
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {gid: {k: getattr(g, k) for k in _COUNTS} for gid, g in groups.items()}
+    (folder / f"{HOST}-{os.getpid()}.json").write_text(json.dumps(counts))
+
+
+def worker_groups(sweep_dir) -> dict:
+    """The slot counts its workers left (their files then removed): a multi-device sweep closes
+    with the same occupancy lines and metrics as one device."""
+    folder, found = Path(sweep_dir) / _WORKERS, {}
+    for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        found.update((g, SimpleNamespace(**c)) for g, c in json.loads(file.read_text()).items())
+        file.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return found
+
+
 def log_progress(study, batch: list, outcomes: list, objectives: list[str]) -> None:
     """One line per completed trial of a batch, with the best after it (the Pareto front:
     several); the study read once per batch, not once per trial (64 a fused batch)."""
@@ -105,8 +134,9 @@ def too_many_failures(study, settings) -> bool:
     return len(study_db.job_failures(study)) / settings.n_trials > settings.max_failure_rate
 
 
-def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
-    """Results file, best trial on the parent run, its end status, the summary lines."""
+def finish(sweep, study, parent, ran_here: int, elapsed: float, groups: dict) -> None:
+    """Results file, best trial on the record (the app's), its end status, the summary lines
+    (`groups`: the fused groups' slot counts, this process's and its workers')."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(1 for t in trials if t.state == s) for s in TrialState}
     summary = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)
@@ -119,7 +149,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
     results_ = results(best, sweep.directions, sweep.objectives)
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(yaml.safe_dump(results_))
-    parent.record_best(study, best, results_, sweep.objectives, sweep.settings.register_model)
+    sweep.app.finish(parent, study, best, results_, sweep.objectives)
     too_many = too_many_failures(study, sweep.settings)
     if too_many:
         parent.end("FAILED")
@@ -127,7 +157,7 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float) -> None:
         parent.end("FINISHED")
     log.info("sweep %s: %s; %s", study.study_name, summary, ran)
     log_overhead(trials, elapsed)
-    log_occupancy(sweep.groups, parent)
+    log_occupancy(groups, parent)
     kind = "best" if len(sweep.objectives) == 1 else "Pareto-optimal"
     for trial in best:
         shown = " ".join(f"{k}={v}" for k, v in trial.params.items())

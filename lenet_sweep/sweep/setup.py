@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from lenet_sweep import OUTPUTS_DIR
@@ -66,9 +65,10 @@ class SweepSetup:
         if self.own_storage:
             settings.storage = f"sqlite:///{self.sweep_dir.resolve() / 'optuna.db'}"
 
-    def check(self, arguments: list[str]) -> tuple[dict, dict]:
-        """Everything a trial would fail on, refused before any study, run or folder exists;
-        returns the search space and the fixed values."""
+    def check(self, arguments: list[str], app_check) -> tuple[dict, dict]:
+        """Everything a trial would fail on, refused before any study, run or folder exists
+        (`app_check(space, group_options)`: the app's own); returns the search space and the
+        fixed values."""
         check_knobs(self.settings, LenetOptunaSweeperConf, "hydra.sweeper.")
         check_plain_name("hydra.sweeper.study_name", str(self.settings.study_name), "fmnist-a")
         if self.settings.register_model is not None:  # a registered model's name, in URIs too
@@ -76,8 +76,7 @@ class SweepSetup:
             check_plain_name("hydra.sweeper.register_model", name, "lenet-best")
         self.check_objectives()
         space, fixed = self.search_space(arguments)
-        if self.settings.app_checks:  # the app's own: its knobs' types and ranges, say
-            get_method(self.settings.app_checks)(self.config, space, self.group_options)
+        app_check(space, self.group_options)  # the app's own: its knobs' types and ranges, say
         own_dir = self.sweep_dir if self.own_storage else OUTPUTS_DIR
         check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", own_dir)
         check_intact(self.settings.storage, "Optuna storage")

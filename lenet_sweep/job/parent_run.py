@@ -70,24 +70,6 @@ class SweepRun(Run):
         log_study_plots(self, study, objectives)
 
 
-class NoSweepRun:
-    """The parent run of a sweep whose MLflow part is off (hydra.sweeper.mlflow=false)."""
-
-    run_id = experiment_id = None
-
-    def set_tags(self, tags) -> None:
-        pass
-
-    def log_metrics(self, metrics) -> None:
-        pass
-
-    def end(self, status: str) -> None:
-        pass
-
-    def record_best(self, *args) -> None:
-        pass
-
-
 def kill_trial_runs(uri: str, trials) -> None:
     """End the MLflow runs of trials failed because their worker died (if still RUNNING), with
     the trial's fail_reason as their error tag."""

@@ -1,0 +1,61 @@
+"""lenet_sweep's additions to the generic sweep (hydra.sweeper.app in conf/config.yaml): the
+checks of its knobs, the study's MLflow parent run, each trial's child-run bookkeeping (its
+`trial.*` overrides), the end of dead trials' runs, the best trial on the parent run."""
+
+from __future__ import annotations
+
+import logging
+
+from lenet_sweep import config
+from lenet_sweep.config.identity import setting
+from lenet_sweep.errors import mask_url
+from lenet_sweep.job.parent_run import SweepRun, kill_trial_runs
+from lenet_sweep.process import ROLE
+from lenet_sweep.sweep import protocol
+from lenet_sweep.sweep.app import SweepApp
+from lenet_sweep.sweep.report import SweepFailed
+from lenet_sweep.tracking import backend
+
+log = logging.getLogger("lenet_sweep.sweep")
+
+
+def trial_name(number: int, params: dict) -> str:
+    """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
+    return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
+
+
+class LenetSweepApp(SweepApp):
+    def __init__(self, config_, settings) -> None:
+        super().__init__(config_, settings)
+        self.tracking_uri = backend.resolve_tracking_uri(config_.mlflow.tracking_uri)
+
+    def check(self, space: dict, group_options) -> None:
+        config.check_sweep(self.config, space, group_options)
+
+    def open_record(self, study, params: dict) -> SweepRun:
+        experiment_id = backend.prepare_experiment(self.tracking_uri, self.config.mlflow.experiment)
+        record = SweepRun.open(self.tracking_uri, experiment_id, study, params)
+        level = logging.INFO if ROLE.is_driver else logging.DEBUG  # the driver's line
+        log.log(level, "MLflow: %s", backend.ui_link(self.tracking_uri, experiment_id))
+        return record
+
+    def trial_overrides(self, trial, record) -> list[str]:
+        name = trial_name(trial.number, trial.params)
+        return protocol.trial_overrides(trial.number, name, trial.study.study_name, record.run_id)
+
+    def trials_lost(self, trials) -> None:
+        kill_trial_runs(self.tracking_uri, trials)
+
+    def finish(self, record, study, best: list, results: dict, objectives: list[str]) -> None:
+        record.record_best(study, best, results, objectives, self.settings.register_model)
+
+    def failure(self, error: Exception):
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(error, MlflowException):
+            return None
+        first = mask_url(str(error)).splitlines()[0][:300]
+        return SweepFailed(
+            f"MLflow at {mask_url(str(self.tracking_uri))} failed: {first}; start the tracking "
+            "server (or fix MLFLOW_TRACKING_URI) and rerun the same command: the study goes on"
+        )

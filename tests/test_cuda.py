@@ -169,3 +169,18 @@ def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
         fused = member.result.history
         assert _close(fused[0]["train_loss"], solo.history[0]["train_loss"], 1e-4), (fused, solo)
         assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
+
+
+def test_a_leaving_trial_is_told_before_its_slot_asks_again_on_cuda(sweep):
+    """As on the CPU (tests/test_refill.py), though on CUDA the next epoch is launched before the
+    hooks: trial j (j >= 2) of 2 slots is asked only once j - 1 trials are told."""
+    from optuna.trial import TrialState
+
+    proc = sweep.run("hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6",
+                     "lr=interval(0.1, 1.0)", "epochs=range(1, 4)", "device=cuda")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    for t in trials[2:]:
+        told = [u for u in trials if u.datetime_complete <= t.datetime_start]
+        assert len(told) >= t.number - 1, (t.number, [u.number for u in told])

@@ -49,6 +49,10 @@ def test_two_workers_share_one_study(sweep, storage, n, tmp_path):
     out = proc.stdout
     assert out.count("worker on cpu started") == 2
     assert out.count("] study s in ") == 1 and out.count("mlflow ui ") == 1  # the driver's lines
+    # The driver closes with its workers' slots, as a sweep on one device does.
+    [parent], _ = sweep.runs()
+    assert 0 < parent.data.metrics["slot_occupancy"] <= 1
+    assert out.count("fused slots: ") == 1 and not (sweep.dir / ".workers").exists()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
         "batch_size": "256",
         "seed": "42",
         "precision": "fp32",
+        "seeds": "1",
         "model": "lenet",
         "model.activation": "sigmoid",
         "model.pool": "avg",
@@ -38,7 +39,7 @@ def test_run_records_everything_in_mlflow(make_cfg, mlflow_uri, experiment):
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development"  # the MLflow UI opens it on the runs table, not GenAI
     )
-    for key in ("train_loss", "train_acc", "test_acc"):
+    for key in ("train_loss", "train_acc", "test_acc", "test_loss"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2]
     test_acc = client.get_metric_history(run.info.run_id, "test_acc")[-1].value

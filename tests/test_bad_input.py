@@ -256,6 +256,7 @@ def test_values_that_slipped_through_are_refused(override, message, tmp_path):
     assert not (tmp_path / "runs" / "r").exists()  # and no run dir is left behind
 
 
+@pytest.mark.slow
 def test_a_refused_run_removes_only_what_it_made(tmp_path):
     """A run refused before training in a folder that existed leaves the folder and its files;
     one in new folders removes them all, up to the first that existed."""

@@ -40,6 +40,7 @@ def test_sweep_phases_of_a_sweep_that_never_launched():
     assert phases == [("closing", 4.5)]
 
 
+@pytest.mark.slow
 def test_the_sweep_row_runs_a_fused_sweep_and_splits_its_wall_time(tmp_path):
     tiny = ("data.train_size=64", "data.test_size=64", "batch_size=32", "epochs=range(1,3)")
     row = sweep(3, "cpu", tmp_path, overrides=tiny)

@@ -72,6 +72,7 @@ def test_each_member_follows_its_run_alone(trial):
     assert not torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.slow
 def test_bf16_members_follow_their_bf16_runs_alone(trial):
     make, splits = trial
     members, alone = [], []
@@ -167,6 +168,7 @@ def test_a_stop_request_launches_no_further_epoch(trial, tmp_path, monkeypatch, 
     assert signals._requested == []  # handled: the next run or sweep starts afresh
 
 
+@pytest.mark.slow
 def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path):
     make, splits = trial
     _, net, optimizer = make(0.9, 5)
@@ -193,6 +195,7 @@ def test_a_resumed_member_ends_where_the_uninterrupted_one_does(trial, tmp_path)
     assert resumed.result.history == whole.result.history
 
 
+@pytest.mark.slow
 def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
     proc = sweep.run(
         *FUSED,
@@ -249,6 +252,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
         assert out.count(f"] trial {t.number} {end}") == 1
 
 
+@pytest.mark.slow
 def test_fused_sweep_prunes_a_member_alone(sweep):
     proc = sweep.run(
         *FUSED,
@@ -380,6 +384,7 @@ def test_an_epochs_graphs_cover_every_example_once(n, batch, plan):
     assert sum(steps * b * times for steps, b, times in plan) == n
 
 
+@pytest.mark.slow
 def test_the_graphs_cursor_steps_walk_the_epochs_batches(trial):
     """On CUDA an epoch is a few graphs (16 steps, one step, the odd last batch) that read their
     batches through a cursor on the device; walked eagerly here, they must leave every weight,

@@ -75,6 +75,7 @@ def test_blocks_above_mallocs_largest_mmap_threshold_are_kept_too():
     assert _faults("fused", mb=40) < 30_000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_users_allocator_settings_win_and_the_setting_turns_off():
     # Blocks above 32 MiB: with glibc's own thresholds each is mapped and unmapped (~30 k faults a

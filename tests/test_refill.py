@@ -41,7 +41,7 @@ def make(make_cfg):
     return _make, splits
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_each_freed_slot_takes_the_next_trial_at_the_next_boundary(make, optimizer):
     make, splits = make
     base = 0.9 if optimizer == "sgd" else 0.003
@@ -90,6 +90,7 @@ def _children_by_trial(sweep):
     return {int(r.data.tags["optuna.trial_number"]): r for r in children}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["none", "hyperband"])
 def test_a_fused_sweep_refills_every_freed_slot(sweep, pruner):
     proc = sweep.run(*REFILL, f"hydra/sweeper/pruner={pruner}")
@@ -155,6 +156,7 @@ def test_a_refilling_sweep_killed_then_rerun_finishes_the_total(sweep):
     assert all(r.info.status == "FINISHED" for n, r in runs.items() if n not in stale)
 
 
+@pytest.mark.slow
 def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):
     """SGD and Adam trials cannot share a group: each waits for a group of its own key. A trial
     whose config is refused fails as it is asked, and its slot goes to the next one."""
@@ -186,6 +188,7 @@ def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):
     assert not by_optimizer["sgd"] & by_optimizer["adam"]  # never in one group
 
 
+@pytest.mark.slow
 def test_a_leaving_trial_is_told_before_its_slot_asks_again(sweep):
     """The sampler has seen every result before the next ask: with 2 slots, trial j (j >= 2) is
     asked only once j - 1 trials before it are told (complete in the study)."""

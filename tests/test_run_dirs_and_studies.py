@@ -5,6 +5,7 @@ damaged Optuna file are refused, warm starts that fill the budget run."""
 from __future__ import annotations
 
 import optuna
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
@@ -14,6 +15,7 @@ from tests.conftest import SMALL, run_cli, run_together, runs_of
 TINY = ["data.train_size=256", "data.test_size=256", "progress=false", "device=cpu"]
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_a_run_dir_each(tmp_path, mlflow_uri, experiment):
     # The default run dir's pattern, under a temporary root instead of the project's outputs/.
     default = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())["hydra"]["run"]["dir"]
@@ -95,6 +97,7 @@ def _study_file(path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_optuna_file_is_refused_with_one_line_and_left_as_it_was(tmp_path):
     import random
 

@@ -29,6 +29,7 @@ def _seeds_of(run) -> dict[int, float]:
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["fused", "basic"])
 def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
     extra = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=4"] if launcher == "fused" else []

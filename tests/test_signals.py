@@ -50,6 +50,7 @@ def _common(mlflow_uri, experiment, run_dir):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_killed_and_resume_equals_uninterrupted_run(tmp_path, mlflow_uri, experiment):
     first = tmp_path / "first"
     proc = _start(*_common(mlflow_uri, experiment, first))
@@ -82,6 +83,7 @@ def test_sigterm_ends_killed_and_resume_equals_uninterrupted_run(tmp_path, mlflo
     assert resumed.stdout.splitlines()[-2] == straight.stdout.splitlines()[-2]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(tmp_path, mlflow_uri, experiment):
     done = run_cli(*_common(mlflow_uri, experiment, tmp_path / "a"), "epochs=1")
     assert done.returncode == 0
@@ -106,6 +108,7 @@ def test_checkpoints_load_weights_only(tmp_path, mlflow_uri, experiment):
     }
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_state_the_next_start_repairs(tmp_path, mlflow_uri, experiment):
     proc = _start(*_common(mlflow_uri, experiment, tmp_path / "a"))
     _wait_for_epoch(tmp_path / "a" / "checkpoint.pt", 1, proc)
@@ -150,6 +153,7 @@ def sweep_args(tmp_path, mlflow_uri, experiment):
     return _args
 
 
+@pytest.mark.slow
 def test_diverging_trial_fails_and_sweep_continues(sweep_args, mlflow_uri, experiment):
     proc = run_cli(*sweep_args("hydra/sweeper/sampler=grid", "lr=choice(0.5, 50)", "epochs=2"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 # Imports what a run imports, counting the collector's full (generation 2) collections, then
 # trains (eager or a fused group) on 64 random examples; prints the full collections during the
 # imports, then the thresholds and the number of frozen objects after training starts.
@@ -52,6 +54,7 @@ def _run(mode: str, **env) -> tuple[list[int], list[int]]:
     return [int(x) for x in imports.split()], [int(x) for x in trained.split()]
 
 
+@pytest.mark.slow
 def test_start_up_makes_no_full_collection_and_training_restores_the_pace():
     (full, *pace), _ = _run("plain")
     assert full >= 3 and pace == [700, 10, 10]  # Python's default pace walks the heap repeatedly

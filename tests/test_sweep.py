@@ -88,6 +88,7 @@ def test_sweep_records_study_parent_and_children(sweep):
     assert sweep.runs()[0][0].data.tags["registered_model"] == "lenet-best/1"
 
 
+@pytest.mark.slow
 def test_multi_objective_sweep_records_the_pareto_front(sweep):
     proc = sweep.run(
         "hydra.sweeper.n_trials=3",
@@ -117,6 +118,7 @@ def test_multi_objective_sweep_records_the_pareto_front(sweep):
     assert "plots/pareto_front.png" in {a.path for a in plots}
 
 
+@pytest.mark.slow
 def test_enqueued_parameters_run_first_and_once(sweep):
     warm = "hydra.sweeper.enqueue=[{lr: 0.9, epochs: 2}]"
     space = ["lr=tag(log, interval(0.01, 3.0))", "epochs=range(1, 4)"]

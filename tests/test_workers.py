@@ -38,7 +38,9 @@ def _check_every_trial_once(sweep, n: int) -> set[int]:
     return {t.user_attrs[protocol.WORKER_PID] for t in complete}
 
 
-@pytest.mark.parametrize(("storage", "n"), [("sqlite", 8), ("journal", 16)])
+@pytest.mark.parametrize(
+    ("storage", "n"), [("sqlite", 8), pytest.param("journal", 16, marks=pytest.mark.slow)]
+)
 def test_two_workers_share_one_study(sweep, storage, n, tmp_path):
     if storage == "journal":  # Optuna's JournalStorage in a file: workers on one host
         sweep.storage = f"journal:///{tmp_path / 'journal' / 'study.log'}"

@@ -25,7 +25,14 @@ from tests.servers import free_port, stop_processes_of
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # A slice of the real data: enough to learn something in one or two epochs on 2 cores.
-SMALL = ["data.train_size=2048", "data.test_size=512", "epochs=1", "progress=false", "device=cpu"]
+SMALL = [
+    "data.train_size=2048",
+    "data.test_size=512",
+    "epochs=1",
+    "progress=false",
+    "device=cpu",
+    "hydra.sweeper.refit_seeds=0",
+]  # sweeps end at their study: tests of the answer turn it on
 
 
 def pytest_configure(config):
@@ -187,10 +194,15 @@ def sweep(tmp_path, mlflow_uri, experiment):
             return proc.pid
 
         def runs(self):
+            """(the parent runs, the trials' runs): a refit's run is neither (`refits`)."""
             _, runs = runs_of(mlflow_uri, experiment)
             parents = [r for r in runs if r.data.tags.get("lenet_sweep.role") == "sweep"]
-            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            children = [r for r in runs if "optuna.trial_number" in r.data.tags]
             return parents, children
+
+        def refits(self):
+            _, runs = runs_of(mlflow_uri, experiment)
+            return [r for r in runs if r.data.tags.get("lenet_sweep.role") == "refit"]
 
     return Sweep()
 

@@ -128,6 +128,7 @@ def test_sqlite_store_in_a_missing_folder_is_refused(folder, tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_mlflow_store_is_refused_before_training(tmp_path):
     db = tmp_path / "mlflow.db"
     assert (

@@ -20,8 +20,8 @@ def test_runs_and_sweeps_leave_the_current_directory_alone(tmp_path, sweep):
     plain = run_cli(*sweep.args("hydra.sweeper.n_trials=2", "epochs=1"), cwd=here)
     assert plain.returncode == 0, plain.stderr[-2000:]
     sweep.study_name, sweep.dir = "workers", tmp_path / "workers"  # a sweep dir a study
-    workers = ["hydra/launcher=fused", "hydra.launcher.devices=[cpu,cpu]", "epochs=1",
-               "hydra.launcher.engine=submitit_local", "hydra.sweeper.n_trials=4"]  # fmt: skip
+    workers = ["hydra/launcher=fused", "hydra.launcher.devices=[cpu,cpu]", "epochs=1"]
+    workers += ["hydra.launcher.engine=submitit_local", "hydra.sweeper.n_trials=4"]
     on_submitit = run_cli(*sweep.args(*workers), cwd=here)
     assert on_submitit.returncode == 0, on_submitit.stderr[-3000:]
     assert sorted(p.name for p in here.iterdir()) in ([], ["outputs"])

@@ -176,8 +176,8 @@ def test_a_leaving_trial_is_told_before_its_slot_asks_again_on_cuda(sweep):
     hooks: trial j (j >= 2) of 2 slots is asked only once j - 1 trials are told."""
     from optuna.trial import TrialState
 
-    proc = sweep.run("hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6",
-                     "lr=interval(0.1, 1.0)", "epochs=range(1, 4)", "device=cuda")  # fmt: skip
+    two_slots = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
+    proc = sweep.run(*two_slots, "lr=interval(0.1, 1.0)", "epochs=range(1, 4)", "device=cuda")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6

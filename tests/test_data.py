@@ -152,3 +152,24 @@ def test_mnist_config_uses_same_loader_on_idx_files_written_here(make_cfg, tmp_p
     assert torch.allclose(train.images[:, 0], data["train"][0].float() / 255)
     with pytest.raises(UserError, match=r"expected \(60000, 28, 28\)"):
         load_split(make_cfg("data=mnist", f"data.root={tmp_path}").data, True, torch.device("cpu"))
+
+
+def test_validation_images_are_a_fixed_draw_held_out_of_the_training_set(make_cfg):
+    """The same held-out images for any seed and slice; none of them trained on; train_size
+    counted among the others."""
+    from lenet_sweep.core.data import load_splits, validation_indices
+
+    held, kept = validation_indices(60000, 5000)
+    again, _ = validation_indices(60000, 5000)
+    assert torch.equal(held, again) and len(held) == 5000 and len(kept) == 55000
+    assert not set(held.tolist()) & set(kept.tolist())
+    cpu = torch.device("cpu")
+    small = load_splits(make_cfg("data.train_size=1000", "seed=1").data, cpu, 500)
+    other = load_splits(make_cfg("data.train_size=3000", "seed=7").data, cpu, 500)
+    whole = load_split(make_cfg("data.train_size=null").data, True, cpu)
+    assert torch.equal(small.val.images, other.val.images)  # whatever the slice or the seed
+    assert torch.equal(small.val.images, whole.images[validation_indices(60000, 500)[0]])
+    assert torch.equal(small.train.images, other.train.images[:1000])
+    assert len(small.train) == 1000 and len(small.val) == 500
+    assert list(small.evaluated()) == ["val", "test"]
+    assert len(small.val.sha256["images"]) == 64 and small.val.sha256 != small.train.sha256

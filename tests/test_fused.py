@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from lenet_sweep import signals
 from lenet_sweep.core.checkpoint import Checkpoint
-from lenet_sweep.core.data import Splits, load_split
+from lenet_sweep.core.data import Splits, load_split, load_splits
 from lenet_sweep.core.hooks import Diverged, save_checkpoint, stop_on_divergence
 from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
@@ -45,6 +45,7 @@ def trial(make_cfg):
 
 def test_each_member_follows_its_run_alone(trial):
     make, splits = trial
+    splits = (*splits, load_splits(make(0.9, 1)[0].data, CPU, 256).val)  # a sweep's validation
     specs = [(0.9, 1, 2), (0.3, 2, 3), (0.05, 3, 1)]  # lr, seed, epochs: each its own
     members, alone = [], []
     for lr, seed, epochs in specs:
@@ -67,6 +68,8 @@ def test_each_member_follows_its_run_alone(trial):
         assert [h["epoch"] for h in fused] == [h["epoch"] for h in solo.history]
         assert math.isclose(fused[0]["train_loss"], solo.history[0]["train_loss"], rel_tol=1e-4)
         assert abs(fused[-1]["test_acc"] - solo.final["test_acc"]) <= 0.02
+        assert abs(fused[-1]["val_acc"] - solo.final["val_acc"]) <= 0.02  # the same bounds
+        assert math.isclose(fused[0]["val_loss"], solo.history[0]["val_loss"], rel_tol=1e-3)
     # Each member's own net holds its own weights, as a run alone leaves them.
     weights = [m.net[0].weight for m in members]
     assert not torch.equal(weights[0], weights[1])

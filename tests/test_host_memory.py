@@ -57,6 +57,7 @@ def _faults(mode: str, mb: int = 16, **env) -> int:
     return int(proc.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_after_cpu_training_freed_memory_is_reused_without_page_faults():
     # A round is 12 k pages; kept, they fault less than one round's worth (the heap may grow

@@ -28,8 +28,8 @@ def _times(sweep):
 @pytest.mark.parametrize(
     ("launcher", "batches"),
     [
-        ("joblib", False),
-        ("joblib", True),
+        pytest.param("joblib", False, marks=pytest.mark.slow),
+        pytest.param("joblib", True, marks=pytest.mark.slow),
         pytest.param("submitit_local", False, marks=pytest.mark.slow),
         pytest.param("ray", False, marks=pytest.mark.slow),
     ],

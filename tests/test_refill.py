@@ -192,8 +192,8 @@ def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):
 def test_a_leaving_trial_is_told_before_its_slot_asks_again(sweep):
     """The sampler has seen every result before the next ask: with 2 slots, trial j (j >= 2) is
     asked only once j - 1 trials before it are told (complete in the study)."""
-    proc = sweep.run("hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6",
-                     "lr=interval(0.1, 1.0)", "epochs=range(1, 3)")  # fmt: skip
+    two_slots = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
+    proc = sweep.run(*two_slots, "lr=interval(0.1, 1.0)", "epochs=range(1, 3)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = sweep.trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6

@@ -33,6 +33,7 @@ def test_runs_started_in_the_same_second_get_a_run_dir_each(tmp_path, mlflow_uri
     assert sorted(r.data.tags["hydra.output_dir"] for r in runs) == [str(d) for d in dirs]
 
 
+@pytest.mark.slow
 def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path):
     sweep_root = tmp_path / "multirun"
     for name in ("../../escaped", "x" * 300, "a/b"):
@@ -72,6 +73,7 @@ def test_a_fused_group_size_below_one_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_enqueued_trials_that_fill_the_budget_run(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     proc = run_cli(

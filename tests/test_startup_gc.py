@@ -64,11 +64,13 @@ def test_start_up_makes_no_full_collection_and_training_restores_the_pace():
         assert after == [700, 10, 10] and frozen > 100_000, trainer  # the start-up heap
 
 
+@pytest.mark.slow
 def test_a_users_slower_pace_is_left_alone():
     (_, *pace), (*after, frozen) = _run("user")
     assert pace == after == [100_000, 10, 10] and frozen == 0
 
 
+@pytest.mark.slow
 def test_the_start_up_pace_can_be_turned_off():
     (_, *pace), (*after, frozen) = _run("eager", LENET_SWEEP_SPEEDUPS="fast_exit")
     assert pace == after == [700, 10, 10] and frozen == 0

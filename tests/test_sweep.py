@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from optuna.trial import TrialState
 
 from lenet_sweep.tracking import backend as tracking_backend
 from tests.conftest import PRUNED_AND_COMPLETE, model_of, run_together
+
+
+def best_child_inputs(sweep, by_number, best):
+    """The dataset inputs of the best trial's run."""
+    run = tracking_backend.client(sweep.mlflow_uri).get_run(by_number[best.number].info.run_id)
+    return run.inputs.dataset_inputs
 
 
 def _assert_one_line_per_trial(out: str, trials) -> None:
@@ -57,7 +64,8 @@ def test_sweep_records_study_parent_and_children(sweep):
         child = by_number[trial.number]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.run_name.startswith(f"t{trial.number:03d} lr=")
-        assert child.data.metrics["test_acc"] == pytest.approx(trial.value)
+        assert child.data.metrics["val_acc"] == pytest.approx(trial.value)  # tuned on val
+        assert "test_acc" in child.data.metrics and "val_loss" in child.data.metrics
         assert child.data.params["epochs"] == str(trial.params["epochs"])
         assert child.info.status == "FINISHED"
     results = yaml.safe_load((sweep.dir / "optimization_results.yaml").read_text())
@@ -67,8 +75,14 @@ def test_sweep_records_study_parent_and_children(sweep):
     assert f"best trial {best.number}" in proc.stderr + proc.stdout
     _assert_one_line_per_trial(proc.stdout, trials)
     assert re.search(
-        r"trial \d done: test_acc=\S+, [\d,]+ examples/sec; best so far: trial ", proc.stdout
+        r"trial \d done: val_acc=\S+, [\d,]+ examples/sec; best so far: trial ", proc.stdout
     )
+    # The validation images: a twelfth of the 2048 used (170), held out, a third dataset input.
+    inputs = {i.tags[0].value: i.dataset for i in best_child_inputs(sweep, by_number, best)}
+    assert sorted(inputs) == ["evaluation", "training", "validation"]
+    assert inputs["validation"].name == "fashion_mnist validation (170)"
+    assert inputs["training"].name == "fashion_mnist training (2048)"
+    assert "warning" not in proc.stderr.lower()  # val_acc is not a test metric
     # the parent names the best run's model
     best_child = by_number[best.number]
     assert parent.data.tags["best_run_id"] == best_child.info.run_id
@@ -86,6 +100,36 @@ def test_sweep_records_study_parent_and_children(sweep):
     )
     assert (version.run_id, version.source) == (best_child.info.run_id, f"models:/{model.model_id}")
     assert sweep.runs()[0][0].data.tags["registered_model"] == "lenet-best/1"
+
+
+def test_the_answer_is_the_best_refit_over_fresh_seeds_once(sweep):
+    """After the study, its best trial trained again on all the training images with fresh
+    seeds, tested: mean ± std in the closing lines, the results file and the parent run; a
+    child run told apart; a rerun of the finished study gives the answer without training."""
+    args = ["hydra.sweeper.n_trials=3", "lr=interval(0.3, 1.0)", "hydra.sweeper.refit_seeds=2"]
+    proc = sweep.run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = max(sweep.trials(), key=lambda t: t.value)
+    [refit] = sweep.refits()
+    [parent], children = sweep.runs()
+    assert len(children) == 3 and refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert refit.info.run_name.startswith(f"refit t{best.number:03d} lr=")
+    params = refit.data.params
+    assert (params["seeds"], params["seed"], params["lr"]) == ("2", "1042", str(best.params["lr"]))
+    inputs = {i.tags[0].value for i in refit.inputs.dataset_inputs}
+    assert inputs == {"training", "evaluation"}  # nothing held out
+    seeds = [refit.data.metrics[f"seed_{s}.test_acc"] for s in (1042, 1043)]
+    mean, std = statistics.fmean(seeds), statistics.pstdev(seeds)
+    assert parent.data.metrics["refit_test_acc"] == pytest.approx(mean)
+    assert parent.data.metrics["refit_test_acc_std"] == pytest.approx(std)
+    answer = yaml.safe_load((sweep.dir / "optimization_results.yaml").read_text())["refit"]
+    assert answer["trial"] == best.number and answer["seeds"] == 2
+    assert answer["test_acc"] == pytest.approx(mean) and answer["wall_s"] > 0
+    assert re.search(rf"answer: lr=\S+: test_acc {mean:.4f} ± {std:.4f} over 2 seeds", proc.stdout)
+    assert (sweep.dir / "refit" / ".hydra").is_dir()
+    again = sweep.run(*args)
+    assert again.returncode == 0 and len(sweep.refits()) == 1
+    assert "answer (kept from the study's refit)" in again.stdout
 
 
 @pytest.mark.slow
@@ -174,6 +218,10 @@ def test_pruned_trial_stops_early_and_is_marked(sweep):
     assert pruned[0].data.metrics["epochs_run"] == 1 and pruned[0].info.status == "FINISHED"
     client = tracking_backend.client(sweep.mlflow_uri)
     assert [m.step for m in client.get_metric_history(pruned[0].info.run_id, "test_acc")] == [1]
+    # Pruning read the objective, val_acc: the trial's reports are the run's val_acc curve.
+    [trial] = [t for t in sweep.trials() if t.params["lr"] == 1e-07]
+    val = client.get_metric_history(pruned[0].info.run_id, "val_acc")
+    assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in val}
     assert [t.state for t in sweep.trials() if t.params["lr"] == 1e-07][0] == TrialState.PRUNED
 
 

@@ -39,7 +39,8 @@ def _check_every_trial_once(sweep, n: int) -> set[int]:
 
 
 @pytest.mark.parametrize(
-    ("storage", "n"), [("sqlite", 8), pytest.param("journal", 16, marks=pytest.mark.slow)]
+    ("storage", "n"),
+    [pytest.param(s, n, marks=pytest.mark.slow) for s, n in (("sqlite", 8), ("journal", 16))],
 )
 def test_two_workers_share_one_study(sweep, storage, n, tmp_path):
     if storage == "journal":  # Optuna's JournalStorage in a file: workers on one host

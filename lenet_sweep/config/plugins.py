@@ -61,6 +61,13 @@ class LenetOptunaSweeperConf:
     )
     # range(a, b) ends: false = Hydra's grammar (b excluded); true = the official plugin's (b in)
     inclusive_range_end: bool = False
+    refit_seeds: int = knob(
+        3,
+        "an integer >= 0",
+        "the study's best trained again with this many fresh seeds, all training images, "
+        "and tested (the answer); 0: off",
+        minimum=0,
+    )
     register_model: str | None = knob(
         None, "null or a name", "the best trial's model into MLflow's Model Registry as this"
     )

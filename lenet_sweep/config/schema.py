@@ -34,6 +34,13 @@ class DataConf:
         "the first N test examples",
         minimum=1,
     )
+    val_size: int | None = knob(
+        None,
+        "null or an integer >= 0",
+        "training images held out to validate (a fixed draw); null: a twelfth of those used "
+        "in a sweep (5000 of 60000), none in a single run",
+        minimum=0,
+    )
     num_train: int = 60000
     num_test: int = 10000
     num_classes: int = 10
@@ -59,6 +66,7 @@ class TrialConf:
     name: str | None = None  # the MLflow run name, e.g. "t003 lr=0.0826 ep=12"
     study_name: str | None = None
     parent_run_id: str | None = None
+    role: str | None = None  # "refit": the study's best trained again (lenet_sweep.sweep.refit)
 
 
 @dataclass

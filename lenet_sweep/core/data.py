@@ -157,39 +157,93 @@ def parse_idx(raw: bytes, ndim: int) -> torch.Tensor:
 
 
 def load_split(data_cfg, train: bool, device: torch.device) -> Split:
-    """Read, verify and move one split to `device` (float images scaled by 1/255), once per
-    process and config: the trials of an in-process sweep share the tensors (read-only)."""
-    from omegaconf import OmegaConf
+    """One split on `device` (float images scaled by 1/255), its first train_size / test_size
+    examples. Files are read and verified once per process, and each slice is made once: the
+    trials of an in-process sweep share the tensors (read-only)."""
+    limit = data_cfg.train_size if train else data_cfg.test_size
+    return _first(_files(data_cfg), train, limit, str(device))
 
-    return _load_split(OmegaConf.to_yaml(data_cfg, resolve=True), train, str(device))
+
+# Which training images a sweep holds out for validation: a fixed draw, the same for every trial
+# of every study whatever its seed, disjoint from what any trial trains on.
+VALIDATION_SEED = 0
+
+
+def validation_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the held-out images' indices, the others' in their file order), of n training images."""
+    draw = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held = draw[:val_size].sort().values
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[held] = False
+    return held, kept.nonzero().squeeze(1)
 
 
 @dataclass(frozen=True)
 class Splits:
-    """What a run trains on and is evaluated on, on one device."""
+    """What a run trains on and is evaluated on, on one device: the training images (the first
+    train_size of those not held out), the test split, and in a sweep the validation images."""
 
     train: Split
     test: Split
+    val: Split | None = None
 
     def evaluated(self) -> dict[str, Split]:
-        """The splits evaluated after each epoch, by the name their metrics start with."""
-        return {"test": self.test}
+        """The splits evaluated after each epoch, by the name their metrics start with (the
+        validation's first: a sweep's objective)."""
+        return {**({"val": self.val} if self.val is not None else {}), "test": self.test}
 
     def sizes(self) -> dict[str, int]:
         """Each split's examples, by name: what an epoch's sums are divided by."""
         return {"train": len(self.train), **{k: len(v) for k, v in self.evaluated().items()}}
 
 
-def load_splits(data_cfg, device: torch.device) -> Splits:
-    """The training and the test split (load_split)."""
-    return Splits(load_split(data_cfg, True, device), load_split(data_cfg, False, device))
+def load_splits(data_cfg, device: torch.device, val_size: int = 0) -> Splits:
+    """The training and the test split; with `val_size`, that many training images held out
+    (validation_indices) as the validation split, train_size counted among the others."""
+    test = load_split(data_cfg, False, device)
+    if not val_size:
+        return Splits(load_split(data_cfg, True, device), test)
+    train, val = _held_out(_files(data_cfg), val_size, data_cfg.train_size, str(device))
+    return Splits(train, test, val)
+
+
+def _files(data_cfg) -> str:
+    """What identifies the files of a data config (its slices left out), as YAML."""
+    from omegaconf import OmegaConf
+
+    files = OmegaConf.to_container(data_cfg, resolve=True)
+    for size in ("train_size", "test_size", "val_size"):
+        files.pop(size, None)
+    return OmegaConf.to_yaml(files)
+
+
+@functools.lru_cache(maxsize=8)
+def _first(files: str, train: bool, limit: int | None, device: str) -> Split:
+    return _on_device(_load_split(files, train), slice(limit), device)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_split(data_yaml: str, train: bool, device: str) -> Split:
+def _held_out(files: str, val_size: int, train_size: int | None, device: str):
+    """(training, validation) Splits; the validation's digest is its own images' SHA-256."""
+    raw = _load_split(files, True)
+    held, kept = validation_indices(len(raw.labels), val_size)
+    train, val = _on_device(raw, kept[:train_size], device), _on_device(raw, held, device)
+    digest = hashlib.sha256(raw.images[held].numpy().tobytes()).hexdigest()
+    return train, Split(val.images, val.labels, val.source, {"images": digest})
+
+
+def _on_device(raw: Split, index, device: str) -> Split:
+    images = raw.images[index].to(device).unsqueeze(1).float().div_(255)
+    labels = raw.labels[index].to(device=device, dtype=torch.long)
+    return Split(images, labels, raw.source, raw.sha256)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(files: str, train: bool) -> Split:
+    """The whole split as read and verified: uint8 images on the CPU."""
     from omegaconf import OmegaConf
 
-    data_cfg = OmegaConf.create(data_yaml)
+    data_cfg = OmegaConf.create(files)
     root = resolve_root(data_cfg)
     prefix = "train" if train else "test"
     tensors, digests = {}, {}
@@ -216,9 +270,4 @@ def _load_split(data_yaml: str, train: bool, device: str) -> Split:
             f"{root}: {prefix} labels outside 0..{data_cfg.num_classes - 1}; "
             "use the original label files"
         )
-    limit = data_cfg.train_size if train else data_cfg.test_size
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    images = images.to(device).unsqueeze(1).float().div_(255)
-    labels = labels.to(device=device, dtype=torch.long)
     return Split(images, labels, str(root), digests)

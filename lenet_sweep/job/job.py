@@ -83,11 +83,13 @@ class Job:
         hydra_job = HydraJob.current()
         link = TrialLink.current(hydra_job.sweeper_cfg)
         # Data, model and checkpoint first: bad input fails before any MLflow run exists.
-        data = load_splits(cfg.data, device)
+        data = load_splits(cfg.data, device, config.validation_size(cfg))
         net, optimizer = build_model(cfg, device)
         extra = [build_model(cfg, device, cfg.seed + r) for r in range(1, cfg.seeds)]
         resume, resume_path = Checkpoint.load(str(cfg.resume), cfg) if cfg.resume else (None, None)
         splits = {"training": data.train, "evaluation": data.test}
+        if data.val is not None:  # a sweep's: what it tunes on, held out of the training images
+            splits["validation"] = data.val
         mlrun = _open_run(cfg, device, uri, experiment_id, hydra_job, link, resume, splits)
         if resume:
             log.info("resuming %s after epoch %d", resume_path, resume.epoch)
@@ -240,6 +242,13 @@ def _tags(device, job: HydraJob, link: TrialLink | None, cfg: DictConfig) -> dic
         tags.update(link.run_tags(cfg.trial.parent_run_id))
     elif cfg.trial.parent_run_id:
         tags[protocol.TAG_PARENT_RUN] = str(cfg.trial.parent_run_id)
+    if cfg.trial.role:  # the study's refit: a child of its parent, told apart
+        tags.update(
+            {
+                protocol.TAG_ROLE: str(cfg.trial.role),
+                protocol.TAG_STUDY_NAME: str(cfg.trial.study_name),
+            }
+        )
     return tags
 
 

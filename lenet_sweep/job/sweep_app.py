@@ -14,14 +14,21 @@ from lenet_sweep.process import ROLE
 from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep.app import SweepApp
 from lenet_sweep.sweep.report import SweepFailed
+from lenet_sweep.sweep.search_space import format_value
 from lenet_sweep.tracking import backend
 
 log = logging.getLogger("lenet_sweep.sweep")
+REFIT_SEED = 1000  # the refit's seeds start at seed + 1000: fresh, none a trial trained with
 
 
 def trial_name(number: int, params: dict) -> str:
     """`t003 lr=0.0826 ep=12`: short enough to read in the MLflow UI's runs table."""
     return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
+
+
+def _directions(settings) -> list:
+    direction = settings.direction
+    return [direction] if isinstance(direction, str) else list(direction)
 
 
 class LenetSweepApp(SweepApp):
@@ -31,9 +38,23 @@ class LenetSweepApp(SweepApp):
 
     def check(self, space: dict, group_options) -> None:
         config.check_sweep(self.config, space, group_options)
+        named = list(self.settings.objectives or [])[: len(_directions(self.settings))]
+        if tested := [name for name in named if name.startswith("test_")]:
+            log.warning(
+                "hydra.sweeper.objectives=%s: the sweep picks its best on the test set, so the "
+                "best's test score is biased upward; tune on val_acc (the validation split)",
+                ",".join(tested),
+            )
+
+    def prepare(self) -> None:
+        """The store and the experiment, before any study: a deleted experiment or a store away
+        is told before anything of the sweep exists."""
+        self.experiment_id = backend.prepare_experiment(
+            self.tracking_uri, self.config.mlflow.experiment
+        )
 
     def open_record(self, study, params: dict) -> SweepRun:
-        experiment_id = backend.prepare_experiment(self.tracking_uri, self.config.mlflow.experiment)
+        experiment_id = self.experiment_id
         record = SweepRun.open(self.tracking_uri, experiment_id, study, params)
         level = logging.INFO if ROLE.is_driver else logging.DEBUG  # the driver's line
         log.log(level, "MLflow: %s", backend.ui_link(self.tracking_uri, experiment_id))
@@ -42,6 +63,26 @@ class LenetSweepApp(SweepApp):
     def trial_overrides(self, trial, record) -> list[str]:
         name = trial_name(trial.number, trial.params)
         return protocol.trial_overrides(trial.number, name, trial.study.study_name, record.run_id)
+
+    refit_metric = "test_acc"
+
+    def refit_overrides(self, best, seeds: int, record) -> list[str]:
+        """All the training images (nothing held out), `seeds` fresh seeds side by side
+        (REFIT_SEED + seed on: none a trial trained with), a child run of the parent told
+        apart (role refit), in the sweep dir's `refit/`."""
+        fresh = REFIT_SEED + int(self.config.seed)
+        name = f"refit {trial_name(best.number, best.params)}"
+        study = format_value(str(self.settings.study_name))
+        return [
+            "data.val_size=0",
+            f"seeds={seeds}",
+            f"seed={fresh}",
+            "trial.role=refit",
+            f"trial.name={format_value(name)}",
+            f"trial.study_name={study}",
+            f"trial.parent_run_id={record.run_id}",
+            "hydra.sweep.subdir=refit",
+        ]
 
     def trials_lost(self, trials) -> None:
         kill_trial_runs(self.tracking_uri, trials)

@@ -35,6 +35,9 @@ class SweepApp:
         """The app's own checks of the sweep (its knobs' types and ranges, say), before any
         study, run or folder exists."""
 
+    def prepare(self) -> None:
+        """The app's stores, once every check has passed and before the study is opened."""
+
     def open_record(self, study, params: dict):
         """The sweep's record beside its study (called under the ask lock): NoRecord here."""
         return NoRecord()
@@ -48,6 +51,13 @@ class SweepApp:
 
     def finish(self, record, study, best: list, results: dict, objectives: list[str]) -> None:
         """The study's best trial (the Pareto front: several) and the results, into the record."""
+
+    refit_metric = "value"  # what the refit's job returns, its mean (and `<metric>_std`)
+
+    def refit_overrides(self, best, seeds: int, record) -> list[str] | None:
+        """What the best trial's params and fixed values take besides, to be trained again with
+        `seeds` fresh seeds and tested (lenet_sweep.sweep.refit); None: no refit."""
+        return None
 
     def failure(self, error: Exception):
         """The app's one-line error (a UserError) for an error of its stores, or None."""

@@ -96,6 +96,7 @@ class OptunaSweep:
         settings = self.settings
         space, fixed = self.setup.check(arguments, self.app.check)
         sampler = self.setup.sampler(space)
+        self.app.prepare()
         storage = study_db.open_storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
@@ -114,13 +115,14 @@ class OptunaSweep:
         record.set_tags({"sweep_dir": self.sweep_dir})
         started = time.perf_counter()
         with protocol.storage_env(settings.storage):
-            feed = self._loop(study, storage, self._overrides(space, fixed, record), record)
+            overrides = self._overrides(study, space, fixed, record)
+            feed = self._loop(study, storage, overrides, record)
         if ROLE.is_worker:  # its driver closes the sweep
             report.save_worker_groups(self.sweep_dir, feed.groups)
             log.info("worker on %s: %d trial(s) trained here", ROLE.worker_device, len(feed.states))
             return
         groups = {**feed.groups, **report.worker_groups(self.sweep_dir)}
-        report.finish(self, study, record, len(feed.states), time.perf_counter() - started, groups)
+        report.finish(self, study, record, len(feed.states), started, groups)
 
     def _params(self, space, sampler) -> dict:
         """The sweep's settings, as its record keeps them."""
@@ -169,23 +171,26 @@ class OptunaSweep:
             heartbeat.stopped.set()
         return feed
 
-    def _overrides(self, space: dict, fixed: dict, record) -> Callable:
+    def _overrides(self, study, space: dict, fixed: dict, record) -> Callable:
         """A trial -> its job's overrides: its params (suggested from `space`, and the custom
         search space's), the fixed values, its environment, the app's additions."""
+
+        self.fixed = fixed
 
         def overrides(trial: optuna.Trial) -> list[str]:
             for name, dist in space.items():
                 search_space.suggest(trial, name, dist)
             if self.settings.custom_search_space:
                 get_method(self.settings.custom_search_space)(self.config, trial)
-            given = [
-                f"{self._key(k)}={search_space.format_value(v)}" for k, v in trial.params.items()
-            ]
-            given += [f"{k}={v}" for k, v in fixed.items() if k not in trial.params]
-            given += protocol.job_env(trial.number, trial.study.study_name)
+            given = self.trial_params(trial) + protocol.job_env(trial.number, study.study_name)
             return given + self.app.trial_overrides(trial, record)
 
         return overrides
+
+    def trial_params(self, trial) -> list[str]:
+        """A trial's (or a finished one's) params and the sweep's fixed values, as overrides."""
+        given = [f"{self._key(k)}={search_space.format_value(v)}" for k, v in trial.params.items()]
+        return given + [f"{k}={v}" for k, v in self.fixed.items() if k not in trial.params]
 
     def _key(self, key: str) -> str:
         """`+key` for a parameter the app's config lacks (one a custom search space added)."""

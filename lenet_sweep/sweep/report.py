@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 
 from lenet_sweep.errors import EXIT_SWEEP_FAILED, UserError
 from lenet_sweep.process import HOST
-from lenet_sweep.sweep import protocol, study_db
+from lenet_sweep.sweep import protocol, refit, study_db
 
 log = logging.getLogger("lenet_sweep.sweep")
 
@@ -134,9 +135,11 @@ def too_many_failures(study, settings) -> bool:
     return len(study_db.job_failures(study)) / settings.n_trials > settings.max_failure_rate
 
 
-def finish(sweep, study, parent, ran_here: int, elapsed: float, groups: dict) -> None:
-    """Results file, best trial on the record (the app's), its end status, the summary lines
-    (`groups`: the fused groups' slot counts, this process's and its workers')."""
+def finish(sweep, study, parent, ran_here: int, started: float, groups: dict) -> None:
+    """Results file, best trial on the record (the app's), the answer (the best refit over
+    fresh seeds, lenet_sweep.sweep.refit), the record's end status, the summary lines (`groups`:
+    the fused groups' slot counts, this process's and its workers')."""
+    elapsed = time.perf_counter() - started
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(1 for t in trials if t.state == s) for s in TrialState}
     summary = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)
@@ -148,9 +151,16 @@ def finish(sweep, study, parent, ran_here: int, elapsed: float, groups: dict) ->
     results_file = sweep.sweep_dir / "optimization_results.yaml"
     results_ = results(best, sweep.directions, sweep.objectives)
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(yaml.safe_dump(results_))
-    sweep.app.finish(parent, study, best, results_, sweep.objectives)
+    results_file.write_text(yaml.safe_dump(results_))  # first without the answer: it may fail
     too_many = too_many_failures(study, sweep.settings)
+    if not too_many and (got := refit.answer(sweep, study, best[0], parent, started)):
+        results_["refit"] = got
+        results_file.write_text(yaml.safe_dump(results_))
+        if "error" not in got:
+            metric = got["metric"]
+            answer = {f"refit_{metric}": got[metric], f"refit_{metric}_std": got[f"{metric}_std"]}
+            parent.log_metrics({**answer, "answer_s": got["wall_s"]})
+    sweep.app.finish(parent, study, best, results_, sweep.objectives)
     if too_many:
         parent.end("FAILED")
     elif not counts["RUNNING"]:  # another worker still running: it will end the parent run

@@ -27,8 +27,8 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 # first among the columns with what the default search varies (by default the table shows no
 # metric: every param and metric is behind "Show more columns").
 VIEW_KEY = "lenet_sweep"
-_COLUMNS = ["metrics.`test_acc`", "metrics.`train_acc`", "params.`lr`", "params.`epochs`",
-            "attributes.`Dataset`", "attributes.`Models`"]  # fmt: skip
+_COLUMNS = ["metrics.`test_acc`", "metrics.`val_acc`", "metrics.`train_acc`", "params.`lr`",
+            "params.`epochs`", "attributes.`Dataset`", "attributes.`Models`"]  # fmt: skip
 VIEW = json.dumps(
     {
         "orderByKey": _COLUMNS[0],

@@ -30,6 +30,9 @@ def curves_figure(history: list[dict]):
     ax.plot(epochs, [h["train_loss"] for h in history], "-", marker=marker, label="train loss")
     ax.plot(epochs, [h["train_acc"] for h in history], "m--", marker=marker, label="train acc")
     ax.plot(epochs, [h["test_acc"] for h in history], "g-.", marker=marker, label="test acc")
+    if "val_acc" in history[0]:  # a sweep's trial: what it was tuned on
+        val = [h["val_acc"] for h in history]
+        ax.plot(epochs, val, "c:", marker=marker, label="val acc")
     ax.set_xlabel("epoch")
     if marker:
         ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)

@@ -140,6 +140,23 @@ def _plugin_missing(text: str) -> UserError | None:
     )
 
 
+def _params_key_error(error: BaseException) -> UserError | None:
+    """`hydra.sweeper.params={lrr: ...}`: Hydra adds no key to a map of its own config (struct),
+    so a search over a key the default search lacks is refused at composition: say which."""
+    for seen in errors.causes(error):
+        if found := re.search(r"full_key: hydra\.sweeper\.params\.(\S+)", str(seen)):
+            key, known = found[1], config.keys(config.RunConfig)
+            if key in known:
+                return UserError(
+                    f"hydra.sweeper.params: {key} is not in the default search, and Hydra adds no "
+                    f"key to its own config's maps; search it on the command line: {key}=<sweep>"
+                )
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            return UserError(f"hydra.sweeper.params: {key} is not a key of the config{hint}")
+    return None
+
+
 def _override_error(error: BaseException) -> UserError | None:
     """An unknown key (`lrr=0.1`: the closest knob, not Hydra's `+lrr=0.1`, which would train
     with lr 0.9) or an override Hydra's grammar cannot read (quote it), as one line."""
@@ -161,7 +178,12 @@ def _override_error(error: BaseException) -> UserError | None:
         return UserError(f"{given}: no such key in the config{hint}")
     if missing := _plugin_missing(text):
         return missing
-    if bad := re.match(r"LexerNoViableAltException: (.*)", text):
+    if (bad := re.match(r"LexerNoViableAltException: (.*)", text)) and not bad[1].isascii():
+        return UserError(
+            f"cannot read the override {bad[1].strip()!r}: Hydra's grammar reads unquoted values "
+            """in ASCII; quote it, e.g. 'key="é"'"""
+        )
+    if bad:
         return UserError(
             f"cannot read the override {bad[1].strip()!r}: in Hydra's grammar ; and spaces end a "
             """value; quote it, e.g. 'key="a/b;c"'"""
@@ -183,11 +205,14 @@ def _cli() -> None:
     # The user's own setting decides whether we show tracebacks.
     errors.show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if wrong := speed.check_env():
+        exit_with(UserError(wrong))
     backend.configure_env()
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
-        exit_with(config.knob_error(e, _knob_rules()) or _override_error(e) or e)
+        found = config.knob_error(e, _knob_rules()) or _params_key_error(e)
+        exit_with(found or _override_error(e) or e)
     except PermissionError as e:  # e.g. Hydra making the run dir in a read-only outputs/
         exit_with(
             UserError(

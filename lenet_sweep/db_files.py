@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +32,33 @@ def journal_path(url: str | None) -> Path | None:
     """The file behind a `journal:///<path>` storage (an absolute path); None for other URLs."""
     if not url or not url.startswith(JOURNAL):
         return None
-    return Path("/" + url[len(JOURNAL) :])
+    return Path("/" + url[len(JOURNAL) :].lstrip("/"))
+
+
+def check_journal(url: str | None) -> None:
+    """A `journal:///<file>` storage names a file that is a journal or none yet: a folder, or a
+    file whose lines are not JSON objects (Optuna replays them at open), is refused with one
+    line and left as it was."""
+    path = journal_path(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(
+            f"hydra.sweeper.storage={url}: {path} is a folder; give a file in it, e.g. "
+            f"{JOURNAL}{path / 'study.log'}"
+        )
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as journal:
+            for line in journal:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError("a line that is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"Optuna journal {path} is damaged ({type(e).__name__}: {str(e)[:120]}); move it "
+            "aside (a new one is made in its place) or put back a copy"
+        ) from e
 
 
 def store_file(error: BaseException, mlflow_uri: str | None, storage: str | None = None):

@@ -25,6 +25,17 @@ NAMES = ("startup_gc", "host_memory", "fast_exit", "channels_last")
 ENV = "LENET_SWEEP_SPEEDUPS"
 
 
+def check_env() -> str | None:
+    """What is wrong with $LENET_SWEEP_SPEEDUPS, in one line; None when it reads."""
+    chosen = os.environ.get(ENV, "all").replace(" ", "")
+    if chosen in ("all", "none") or all(n in NAMES for n in chosen.split(",")):
+        return None
+    return (
+        f"{ENV}={chosen}: not a speed setting; give all, none, or some of "
+        f"{','.join(NAMES)} (comma-separated)"
+    )
+
+
 def enabled(name: str) -> bool:
     """Whether the speed setting `name` is on (all are, unless $LENET_SWEEP_SPEEDUPS says)."""
     chosen = os.environ.get(ENV, "all").replace(" ", "")

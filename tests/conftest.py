@@ -145,7 +145,7 @@ def sweep(tmp_path, mlflow_uri, experiment):
     class Sweep:
         def __init__(self):
             self.storage, self.dir, self.study_name = storage, tmp_path / "multirun", "s"
-            self.mlflow_uri = mlflow_uri
+            self.mlflow_uri, self.experiment = mlflow_uri, experiment
 
         def args(self, *extra: str) -> list[str]:
             return [

@@ -281,7 +281,7 @@ def _dominates(values_x: list[float], values_y: list[float]) -> bool:
     )
 
 
-@pytest.mark.parametrize("with_commandline", [True, False])
+@pytest.mark.parametrize("with_commandline", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_optuna_multi_objective_example(with_commandline: bool, tmp_path: Path) -> None:
     args = [
         "hydra.job.chdir=True",
@@ -326,7 +326,7 @@ def test_optuna_custom_search_space_example(tmp_path: Path) -> None:
     assert 0 <= returns["best_params"]["w"] <= 1
 
 
-@pytest.mark.parametrize("max_failure_rate", [0.5, 1.0])
+@pytest.mark.parametrize("max_failure_rate", [pytest.param(0.5, marks=pytest.mark.slow), 1.0])
 def test_failure_rate(max_failure_rate: float, tmp_path: Path) -> None:
     proc = _app(
         tmp_path,

@@ -378,3 +378,102 @@ def test_resume_after_sigint_ends_clean_and_a_longer_resume_is_a_new_run(
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # the history it continues, then its own epoch
     state = torch.load(tmp_path / "third" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 6 and state["mlflow_run_id"] == new.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["-m", "hydra/launcher=fused", "hydra.launcher.devices=[cuda:0]"],
+            {},
+            "error: hydra.launcher.devices=[cuda:0]: cuda:0 is not a device here (0 CUDA GPU(s) "
+            "visible); use cpu or all",
+        ),
+        (
+            ["-m", "hydra/launcher=fused", "hydra.launcher.devices=[tpu]"],
+            {},
+            "error: hydra.launcher.devices=[tpu]: tpu is not cpu, cuda or cuda:N",
+        ),
+        (
+            ["-m", "hydra/launcher=fused", "hydra.launcher.devices=[]"],
+            {},
+            "error: hydra.launcher.devices=[]: names no device; give null (this process), all, or a "
+            "list",
+        ),
+        (
+            ["-m", "hydra.sweeper.objectives=[nosuch]"],
+            {},
+            "error: hydra.sweeper.objectives: nosuch is not a metric a run returns; choose from "
+            "examples_per_sec, test_acc, test_loss, train_acc, train_loss, train_time_s, val_acc, "
+            "val_loss (or one's _std, with seeds > 1)",
+        ),
+        (
+            ["-m", "hydra.sweeper.enqueue=[{lrr: 0.9}]"],
+            {},
+            "error: hydra.sweeper.enqueue: lrr is not searched (the search space: lr); did "
+            "you mean lr?",
+        ),
+        (
+            ["-m", "hydra.sweeper.params={lrr: 'interval(0.1,1.0)'}"],
+            {},
+            "error: hydra.sweeper.params: lrr is not a key of the config; did you mean lr?",
+        ),
+        (
+            ["-m", "resume=last"],
+            {},
+            "error: resume=last: a sweep's trials start afresh; a stopped sweep goes on when the same "
+            "command runs again (drop resume)",
+        ),
+        (
+            ["-m", "hydra.sweeper.storage=mysql://u:pw@127.0.0.1/db"],
+            {},
+            "error: Optuna storage mysql://u:***@127.0.0.1/db: its database driver is not installed",
+        ),
+        (
+            ["+lrr=0.1"],
+            {},
+            "error: +lrr: no such key in the config, nothing would read it; did you mean lr?",
+        ),
+        (
+            [],
+            {"LENET_SWEEP_SPEEDUPS": "bogus"},
+            "error: LENET_SWEEP_SPEEDUPS=bogus: not a speed setting; give all, none, or some of "
+            "startup_gc,host_memory,fast_exit,channels_last (comma-separated)",
+        ),
+        (
+            ["-m", "hydra.sweeper.study_name=étude_λ"],
+            {},
+            "error: cannot read the override 'hydra.sweeper.study_name=étude_λ': Hydra's grammar "
+            "reads unquoted values in ASCII",
+        ),
+    ],
+)
+def test_every_setting_is_checked_before_anything_exists(args, env, message, tmp_path):
+    """Refused with one line before a study, a run or a folder exists (issue 35, finding 3)."""
+    stores = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    stores += [f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    if "hydra.sweeper.storage" not in " ".join(args):
+        stores.append(f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}")
+    proc = run_cli(*args, *SMALL, *stores, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _one_line(proc).startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no study, store, run or folder
+
+
+@pytest.mark.parametrize("kind", ["folder", "random bytes"])
+def test_a_journal_that_is_a_folder_or_damaged_is_refused_and_left_as_it_was(kind, tmp_path):
+    journal = tmp_path / "study.log"
+    if kind == "folder":
+        journal.mkdir()
+        expected = f"error: hydra.sweeper.storage=journal:///{journal}: {journal} is a folder"
+    else:
+        journal.write_bytes(bytes(range(256)) * 8)
+        expected = f"error: Optuna journal {journal} is damaged (UnicodeDecodeError:"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    stores = [f"hydra.sweeper.storage=journal:///{journal}", f"hydra.sweep.dir={tmp_path / 's'}"]
+    proc = run_cli("-m", *SMALL, *stores, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _one_line(proc).startswith(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lock, study or store
+    assert kind == "folder" or journal.read_bytes() == bytes(range(256)) * 8

@@ -181,7 +181,7 @@ def test_unreachable_optuna_storage_masks_password(tmp_path, mlflow_uri, experim
         ),
         (
             "hydra.sweeper.direction=[maximize,minimize,maximize]",
-            "error: hydra.sweeper.objectives=['test_acc', 'train_time_s']: name one metric per direction (3), e.g. [test_acc, train_time_s]",
+            "error: hydra.sweeper.objectives=['val_acc', 'train_time_s']: name one metric per direction (3), e.g. [val_acc, train_time_s]",
         ),
     ],
 )

@@ -3,8 +3,10 @@ device, the search space against the knobs' types and the groups' options."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
+from dataclasses import fields
 
 from omegaconf import OmegaConf
 
@@ -18,6 +20,12 @@ GROUPS = ("model", "optimizer", "data")
 def validate(cfg) -> None:
     """A run's config, before anything is trained or recorded."""
     check_knobs(cfg, RunConfig)
+    known = [f.name for f in fields(RunConfig)]
+    for key in cfg:
+        if key not in (*known, "hydra"):  # +key=value: a key nothing reads
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"+{key}: no such key in the config, nothing would read it{hint}")
     rules = knobs(RunConfig)
     limits = {
         "batch_size": cfg.data.train_size or cfg.data.num_train,

@@ -200,11 +200,10 @@ class Splits:
 def load_splits(data_cfg, device: torch.device, val_size: int = 0) -> Splits:
     """The training and the test split; with `val_size`, that many training images held out
     (validation_indices) as the validation split, train_size counted among the others."""
-    test = load_split(data_cfg, False, device)
     if not val_size:
-        return Splits(load_split(data_cfg, True, device), test)
+        return Splits(load_split(data_cfg, True, device), load_split(data_cfg, False, device))
     train, val = _held_out(_files(data_cfg), val_size, data_cfg.train_size, str(device))
-    return Splits(train, test, val)
+    return Splits(train, load_split(data_cfg, False, device), val)
 
 
 def _files(data_cfg) -> str:

@@ -16,6 +16,7 @@ from lenet_sweep import config
 from lenet_sweep.core import hooks
 from lenet_sweep.core.checkpoint import FILE as CHECKPOINT_FILE
 from lenet_sweep.core.checkpoint import Checkpoint
+from lenet_sweep.core.checkpoint import find as find_checkpoint
 from lenet_sweep.core.data import Splits, load_splits
 from lenet_sweep.core.models import build
 from lenet_sweep.core.state import TrainResult, TrainSpec
@@ -77,6 +78,8 @@ class Job:
         """Check, load and build; then open the MLflow run (RUNNING) and record the set-up."""
         config.validate(cfg)
         device = config.resolve_device(cfg.device)
+        if cfg.resume:  # a checkpoint that is not there: told before any store is made
+            find_checkpoint(str(cfg.resume))
         uri = backend.resolve_tracking_uri(cfg.mlflow.tracking_uri)
         experiment_id = backend.prepare_experiment(uri, cfg.mlflow.experiment)
         backend.repair_orphaned_runs(uri, experiment_id)

@@ -4,9 +4,11 @@ the runs of trials whose worker died."""
 from __future__ import annotations
 
 import contextlib
+import os
 
+from lenet_sweep.process import HOST
 from lenet_sweep.sweep import protocol
-from lenet_sweep.tracking.backend import client
+from lenet_sweep.tracking.backend import TAG_HOST, TAG_PID, client
 from lenet_sweep.tracking.figures import log_study_plots
 from lenet_sweep.tracking.model import model_id_of, register
 from lenet_sweep.tracking.runs import Run
@@ -20,14 +22,18 @@ class SweepRun(Run):
         self.experiment_id = experiment_id
 
     @classmethod
-    def open(cls, uri: str, experiment_id: str, study, params: dict) -> SweepRun:
-        """The study's parent run, created on first use (call under the study's ask lock)."""
+    def open(cls, uri: str, experiment_id: str, study, params: dict, owner: bool) -> SweepRun:
+        """The study's parent run, created on first use (call under the study's ask lock). Its
+        `owner` (the sweep's driver, not a fused worker) tags it with its host and pid, so that
+        the next start anywhere ends it KILLED if this process dies (kill -9, out of memory)."""
+        ours = {TAG_HOST: HOST, TAG_PID: str(os.getpid())} if owner else {}
         run_id = study.user_attrs.get(protocol.PARENT_RUN_ID)
         if run_id is not None:
             run = cls(uri, run_id, experiment_id)
             run.client.update_run(run_id, status="RUNNING")
+            run.set_tags(ours)
             return run
-        tags = {protocol.TAG_ROLE: "sweep", protocol.TAG_STUDY_NAME: study.study_name}
+        tags = {protocol.TAG_ROLE: "sweep", protocol.TAG_STUDY_NAME: study.study_name, **ours}
         created = client(uri).create_run(
             experiment_id, run_name=f"sweep {study.study_name}", tags=tags
         )

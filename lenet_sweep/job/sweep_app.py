@@ -8,7 +8,7 @@ import logging
 
 from lenet_sweep import config
 from lenet_sweep.config.identity import setting
-from lenet_sweep.errors import mask_url
+from lenet_sweep.errors import UserError, mask_url
 from lenet_sweep.job.parent_run import SweepRun, kill_trial_runs
 from lenet_sweep.process import ROLE
 from lenet_sweep.sweep import protocol
@@ -26,6 +26,11 @@ def trial_name(number: int, params: dict) -> str:
     return " ".join([f"t{number:03d}", *(setting(k, v) for k, v in params.items())])
 
 
+# What a run returns (its last epoch's metrics and its totals): what objectives may name.
+METRICS = {"val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "train_acc"}
+METRICS |= {"train_time_s", "examples_per_sec"}
+
+
 def _directions(settings) -> list:
     direction = settings.direction
     return [direction] if isinstance(direction, str) else list(direction)
@@ -38,6 +43,17 @@ class LenetSweepApp(SweepApp):
 
     def check(self, space: dict, group_options) -> None:
         config.check_sweep(self.config, space, group_options)
+        if self.config.resume:
+            raise UserError(
+                f"resume={self.config.resume}: a sweep's trials start afresh; a stopped sweep goes "
+                "on when the same command runs again (drop resume)"
+            )
+        for name in list(self.settings.objectives or [])[: len(_directions(self.settings))]:
+            if name.removesuffix("_std") not in METRICS:
+                raise UserError(
+                    f"hydra.sweeper.objectives: {name} is not a metric a run returns; choose "
+                    f"from {', '.join(sorted(METRICS))} (or one's _std, with seeds > 1)"
+                )
         named = list(self.settings.objectives or [])[: len(_directions(self.settings))]
         if tested := [name for name in named if name.startswith("test_")]:
             log.warning(
@@ -55,7 +71,7 @@ class LenetSweepApp(SweepApp):
 
     def open_record(self, study, params: dict) -> SweepRun:
         experiment_id = self.experiment_id
-        record = SweepRun.open(self.tracking_uri, experiment_id, study, params)
+        record = SweepRun.open(self.tracking_uri, experiment_id, study, params, ROLE.is_driver)
         level = logging.INFO if ROLE.is_driver else logging.DEBUG  # the driver's line
         log.log(level, "MLflow: %s", backend.ui_link(self.tracking_uri, experiment_id))
         return record

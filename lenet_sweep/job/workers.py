@@ -20,13 +20,17 @@ runs this Python, in this folder, with this project installed: a cluster's share
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 
 from lenet_sweep import signals
+from lenet_sweep.config.checks import resolve_device
 from lenet_sweep.errors import Outage, UserError
 from lenet_sweep.process import ROLE
 
@@ -35,20 +39,54 @@ _OWN = ("device=", "hydra.launcher.devices=", "+hydra.launcher.devices=")
 
 
 def resolve(devices) -> list[str]:
-    """`all`: every visible GPU (the CPU where there is none); else the list as given."""
-    if devices in (None, "", []):
+    """`all`: every visible GPU (the CPU where there is none); else the list as given, each a
+    device of this machine (checked here, when the launcher is built: before any study)."""
+    if devices is None:
         return []
+    shown = f"hydra.launcher.devices={_shown(devices)}"
+    if devices in ("", []):
+        raise UserError(f"{shown}: names no device; give null (this process), all, or a list")
     if devices == "all":
         import torch
 
         count = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    if isinstance(devices, str):
-        devices = [devices]
-    for d in devices:
-        if str(d) != "cpu" and not str(d).startswith("cuda"):
-            raise UserError(f"hydra.launcher.devices: {d!r} is not cpu, cuda or cuda:N")
-    return [str(d) for d in devices]
+    for d in [devices] if isinstance(devices, str) else devices:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(d)):
+            raise UserError(f"{shown}: {d} is not cpu, cuda or cuda:N")
+        with contextlib.suppress(UserError):  # its own message names `device=`: ours names this
+            resolve_device(d)
+            continue
+        raise UserError(f"{shown}: {d} is not a device here ({_visible()}); use cpu or all")
+    return [str(d) for d in ([devices] if isinstance(devices, str) else devices)]
+
+
+def _shown(devices) -> str:
+    return devices if isinstance(devices, str) else f"[{', '.join(map(str, devices))}]"
+
+
+def _visible() -> str:
+    import torch
+
+    return f"{torch.cuda.device_count()} CUDA GPU(s) visible"
+
+
+# A workers' engine: the module it needs, and this project's extra that installs it.
+_ENGINE_NEEDS = {
+    "submitit_local": ("submitit", "slurm"),
+    "slurm": ("submitit", "slurm"),
+    "ray": ("ray", "ray"),
+}
+
+
+def check_engine(engine: str) -> None:
+    """The package a workers' engine needs is installed: said before any study exists."""
+    needs = _ENGINE_NEEDS.get(engine)
+    if needs and importlib.util.find_spec(needs[0]) is None:
+        raise UserError(
+            f"hydra.launcher.engine={engine} needs {needs[0]}, which is not installed: "
+            f"pip install 'lenet_sweep[{needs[1]}]' (in a checkout: pip install -e '.[{needs[1]}]')"
+        )
 
 
 ENGINES = ("local", "submitit_local", "slurm", "ray")

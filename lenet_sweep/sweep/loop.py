@@ -100,7 +100,7 @@ class OptunaSweep:
         storage = study_db.open_storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period
         )
-        study = self.setup.open_study(storage, sampler)
+        study = self.setup.open_study(storage, sampler)  # and claims the sweep dir for it
         with study_db.ask_lock(storage, settings.storage):  # no trial asked but unmarked
             dead = study_db.fail_dead_workers(study, storage, settings.grace_period)
         self.app.trials_lost(dead)

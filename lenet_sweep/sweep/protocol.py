@@ -68,6 +68,7 @@ FAIL_REASON = "fail_reason"
 RERUN = "rerun"  # True on a FAIL that was not the trial's fault: it does not count, it runs again
 PARENT_RUN_ID = "mlflow_parent_run_id"
 ENQUEUED = "enqueued"  # on the study: hydra.sweeper.enqueue was done, never again
+SWEEP_UID = "sweep_uid"  # on the study: what its sweep dir's .study.json names it by
 
 # MLflow tags.
 TAG_PARENT_RUN = "mlflow.parentRunId"

@@ -4,25 +4,41 @@ the checks before anything starts, the search space, sampler, pruner, the study,
 
 from __future__ import annotations
 
+import difflib
 import functools
+import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lenet_sweep import OUTPUTS_DIR
 from lenet_sweep.config.knobs import check_knobs
 from lenet_sweep.config.plugins import LenetOptunaSweeperConf
-from lenet_sweep.db_files import check_intact, check_sqlite, check_writable_dir, sqlite_path
+from lenet_sweep.db_files import (
+    check_intact,
+    check_journal,
+    check_sqlite,
+    check_writable_dir,
+    sqlite_path,
+)
 from lenet_sweep.errors import UserError, describe, mask_url, outage
 from lenet_sweep.sweep import protocol
 from lenet_sweep.sweep.search_space import grid_choices, parse
 
 log = logging.getLogger("lenet_sweep.sweep")
+_ABSENT = object()
+
+
+def _close(key: str, among) -> str:
+    """`; did you mean lr?` for the closest of `among`'s keys, if any is close."""
+    close = difflib.get_close_matches(key, [str(k) for k in among], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 # A study's name names its sweep dir too (conf/config.yaml): a plain name keeps it inside.
@@ -36,6 +52,34 @@ def check_plain_name(key: str, name: str, example: str) -> None:
             f"{key}={shown}: must be a plain name (letters, digits, '.', '_', '-'; at most 128 "
             f"characters), e.g. {key}={example}"
         )
+
+
+def _check_driver(url: str) -> None:
+    """A database URL's driver is installed (sqlalchemy loads it only when it connects)."""
+    if sqlite_path(url) or url.startswith("journal:///"):
+        return
+    import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except ImportError as e:
+        raise UserError(
+            f"Optuna storage {mask_url(url)}: its database driver is not installed "
+            f"({describe(e)}); pip install it (psycopg for postgresql, mysqlclient or PyMySQL "
+            "for mysql), or fix hydra.sweeper.storage"
+        ) from e
+    except Exception:  # noqa: BLE001 - a URL sqlalchemy cannot read: opening it says why
+        return
+
+
+_CLAIM = ".study.json"  # in a sweep dir: the study whose trials it holds (name, uid)
+
+
+def _claimed(sweep_dir: Path) -> dict | None:
+    try:
+        return json.loads((sweep_dir / _CLAIM).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class SweepSetup:
@@ -78,8 +122,11 @@ class SweepSetup:
         space, fixed = self.search_space(arguments)
         app_check(space, self.group_options)  # the app's own: its knobs' types and ranges, say
         own_dir = self.sweep_dir if self.own_storage else OUTPUTS_DIR
+        _check_driver(self.settings.storage)
+        check_journal(self.settings.storage)
         check_sqlite(self.settings.storage, "Optuna storage", "hydra.sweeper.storage", own_dir)
         check_intact(self.settings.storage, "Optuna storage")
+        self.check_sweep_dir()
         check_writable_dir(
             self.sweep_dir,
             f"hydra.sweep.dir={self.sweep_dir}",
@@ -96,7 +143,7 @@ class SweepSetup:
         if len(self.objectives) != len(self.directions):
             raise UserError(
                 f"hydra.sweeper.objectives={self.objectives}: name one metric per "
-                f"direction ({len(self.directions)}), e.g. [test_acc, train_time_s]"
+                f"direction ({len(self.directions)}), e.g. [val_acc, train_time_s]"
             )
         if len(self.directions) > 1 and not isinstance(self.pruner(), optuna.pruners.NopPruner):
             raise UserError(
@@ -115,6 +162,17 @@ class SweepSetup:
                 "the search space is empty; give hydra.sweeper.params or overrides such as "
                 "'lr=tag(log, interval(0.01, 3.0))'"
             )
+        for key in params:  # the command line's keys Hydra checks as it composes; these not
+            if OmegaConf.select(self.config, key, default=_ABSENT) is _ABSENT:
+                raise UserError(
+                    f"hydra.sweeper.params: {key} is not a key of the config{_close(key, self.config)}"
+                )
+        for given in self.settings.enqueue or []:
+            if unknown := sorted(set(given) - set(space)):
+                raise UserError(
+                    f"hydra.sweeper.enqueue: {unknown[0]} is not searched (the search space: "
+                    f"{', '.join(space)}){_close(unknown[0], space)}"
+                )
         return space, fixed
 
     def sampler(self, space) -> optuna.samplers.BaseSampler:
@@ -149,6 +207,39 @@ class SweepSetup:
         return self.settings.pruner
 
     def open_study(self, storage, sampler) -> optuna.Study:
+        """The study (created on first use), once the sweep dir is known to be its own."""
+        claimed = _claimed(self.sweep_dir)
+        if claimed and self.settings.study_name not in optuna.get_all_study_names(storage):
+            raise UserError(
+                f"hydra.sweep.dir={self.sweep_dir} holds the trials of a study "
+                f"{claimed['study_name']} that {mask_url(self.settings.storage)} no longer has; "
+                "a new study there would overwrite them: give it another hydra.sweep.dir"
+            )
+        study = self._open_study(storage, sampler)
+        uid = study.user_attrs.get(protocol.SWEEP_UID) or uuid.uuid4().hex
+        if claimed and claimed.get("uid") != uid:
+            raise UserError(
+                f"hydra.sweep.dir={self.sweep_dir} holds the trials of another study "
+                f"{claimed['study_name']}; give this one another hydra.sweep.dir"
+            )
+        if not claimed:
+            study.set_user_attr(protocol.SWEEP_UID, uid)
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            record = {"study_name": study.study_name, "uid": uid}
+            (self.sweep_dir / _CLAIM).write_text(json.dumps(record))
+        return study
+
+    def check_sweep_dir(self) -> None:
+        """A sweep dir belongs to one study: another study's is refused before anything."""
+        claimed = _claimed(self.sweep_dir)
+        if claimed and claimed["study_name"] != self.settings.study_name:
+            raise UserError(
+                f"hydra.sweep.dir={self.sweep_dir} holds the trials of study "
+                f"{claimed['study_name']}; give study {self.settings.study_name} a dir of its "
+                "own (the default, outputs/multirun/<study_name>, is one)"
+            )
+
+    def _open_study(self, storage, sampler) -> optuna.Study:
         try:
             return optuna.create_study(
                 study_name=self.settings.study_name,

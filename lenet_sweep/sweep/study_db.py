@@ -17,8 +17,15 @@ from collections.abc import Iterable, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lenet_sweep.db_files import JOURNAL, check_writable_dir, file_lock, journal_path, sqlite_path
-from lenet_sweep.errors import Outage, UserError, describe, mask_url, outage
+from lenet_sweep.db_files import (
+    JOURNAL,
+    check_journal,
+    check_writable_dir,
+    file_lock,
+    journal_path,
+    sqlite_path,
+)
+from lenet_sweep.errors import Outage, UserError, causes, describe, mask_url, outage
 from lenet_sweep.process import HOST, pid_alive
 from lenet_sweep.sweep import protocol
 
@@ -61,6 +68,12 @@ def open_storage(
                     engine_kwargs={"pool_pre_ping": True},
                 )
         except Exception as e:  # noqa: BLE001 - driver errors vary: connection refused, bad URL...
+            if missing := next((c for c in causes(e) if isinstance(c, ImportError)), None):
+                raise UserError(
+                    f"Optuna storage {mask_url(url)}: its database driver is not installed "
+                    f"({describe(missing)}); pip install it (psycopg for postgresql, mysqlclient "
+                    "or PyMySQL for mysql), or fix hydra.sweeper.storage"
+                ) from e
             racing = any(w in str(e) for w in ("already exists", "duplicate key", "UNIQUE"))
             if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
@@ -87,6 +100,7 @@ def open_storage(
 def _journal(path) -> optuna.storages.JournalStorage:
     from optuna.storages.journal import JournalFileBackend
 
+    check_journal(f"{JOURNAL}{path}")
     check_writable_dir(path.parent, "the Optuna journal's folder", "fix hydra.sweeper.storage")
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(f"{JOURNAL}{path}"):

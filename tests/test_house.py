@@ -125,3 +125,15 @@ def test_every_package_ships():
     folders = {".".join(p.parent.relative_to(PROJECT_ROOT).parts) for p in files}
     assert set(settings["packages"]) == folders | {"lenet_sweep.conf", "hydra_plugins"}
     assert settings["package-dir"] == {"lenet_sweep.conf": "conf"}
+
+
+def test_the_generic_sweeper_imports_nothing_of_the_app():
+    """sweep/ is the sweeper any Hydra app uses: none of this app's run config, training or
+    tracking; the app's additions plug in at sweep/app.py's SweepApp."""
+    allowed = ("lenet_sweep.sweep", "lenet_sweep.config.knobs", "lenet_sweep.config.plugins")
+    allowed += ("lenet_sweep.db_files", "lenet_sweep.errors", "lenet_sweep.process")
+    allowed += ("lenet_sweep.signals",)
+    for module, imported in _graph().items():
+        if module.startswith("lenet_sweep.sweep"):
+            ours = [m for m in imported if m.startswith("lenet_sweep.")]
+            assert all(m.startswith(allowed) for m in ours), (module, ours)

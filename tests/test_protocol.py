@@ -144,3 +144,24 @@ def test_a_job_without_the_storage_variable_uses_its_composed_storage(tmp_path, 
 def test_single_run_has_no_trial_link(monkeypatch):
     monkeypatch.delenv(protocol.TRIAL_ENV, raising=False)
     assert TrialLink.current() is None
+
+
+def test_a_launcher_the_dispatch_table_does_not_name_gets_batches_said_in_one_line(caplog):
+    from types import SimpleNamespace
+
+    from lenet_sweep.sweep.dispatch import Batches, InFlight, Streamed, dispatcher_for
+
+    settings = SimpleNamespace(n_jobs=4, batches=False, n_trials=8, max_failure_rate=0.5)
+    with caplog.at_level("INFO", logger="lenet_sweep.sweep"):
+        unknown = dispatcher_for(object(), "ray_aws", settings, None, lambda trials: None)
+    assert isinstance(unknown, Batches)
+    assert caplog.messages == ["hydra/launcher=ray_aws: trials go in Hydra's batches of n_jobs (4)"]
+    assert isinstance(dispatcher_for(object(), "fused", settings, None, None), Streamed)
+    assert isinstance(dispatcher_for(object(), "basic", settings, None, None), Batches)
+
+    class Joblib:  # what the joblib adapter reads of hydra-joblib-launcher's launcher
+        joblib = {"n_jobs": 2}
+
+    assert isinstance(dispatcher_for(Joblib(), "joblib", settings, None, None), InFlight)
+    settings.batches = True  # hydra.sweeper.batches=true: batches from any launcher
+    assert isinstance(dispatcher_for(Joblib(), "joblib", settings, None, None), Batches)

@@ -287,3 +287,16 @@ def train_refilled(members, data, spec, next_member=None, on_leave=None, occupan
             trainer.launch()
     trainer.close()
     return trainer.occupancy
+
+
+def check_told_before_asked(sweep, *extra: str) -> None:
+    """A fused sweep of 2 slots, 6 trials: trial j (j >= 2) is asked only once j - 1 trials are
+    told (complete in the study): the sampler has seen every result before the next ask."""
+    two_slots = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
+    proc = sweep.run(*two_slots, "lr=interval(0.1, 1.0)", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = sweep.trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    for t in trials[2:]:
+        told = [u for u in trials if u.datetime_complete <= t.datetime_start]
+        assert len(told) >= t.number - 1, (t.number, [u.number for u in told])

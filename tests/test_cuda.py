@@ -17,7 +17,7 @@ from lenet_sweep.core.state import StepSpec, TrainSpec
 from lenet_sweep.core.train import train
 from lenet_sweep.fused.trainer import Member, train_graphed
 from lenet_sweep.job.job import build_model as build
-from tests.conftest import train_refilled
+from tests.conftest import check_told_before_asked, train_refilled
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")
@@ -174,13 +174,4 @@ def test_a_refilled_slot_replays_the_captured_epoch_with_the_newcomer(make_cfg):
 def test_a_leaving_trial_is_told_before_its_slot_asks_again_on_cuda(sweep):
     """As on the CPU (tests/test_refill.py), though on CUDA the next epoch is launched before the
     hooks: trial j (j >= 2) of 2 slots is asked only once j - 1 trials are told."""
-    from optuna.trial import TrialState
-
-    two_slots = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
-    proc = sweep.run(*two_slots, "lr=interval(0.1, 1.0)", "epochs=range(1, 4)", "device=cuda")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = sweep.trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
-    for t in trials[2:]:
-        told = [u for u in trials if u.datetime_complete <= t.datetime_start]
-        assert len(told) >= t.number - 1, (t.number, [u.number for u in told])
+    check_told_before_asked(sweep, "epochs=range(1, 4)", "device=cuda")

@@ -16,7 +16,7 @@ from lenet_sweep.core.train import train
 from lenet_sweep.fused.trainer import Member, Occupancy
 from lenet_sweep.job.job import build_model as build
 from lenet_sweep.tracking import backend as tracking_backend
-from tests.conftest import SMALL, run_cli, train_refilled
+from tests.conftest import SMALL, check_told_before_asked, run_cli, train_refilled
 
 CPU = torch.device("cpu")
 EPOCHS = [1, 4, 2, 3, 1, 2, 4, 1, 3, 2, 1, 2]  # twelve trials, each its own length
@@ -192,11 +192,4 @@ def test_trials_of_another_group_or_that_fail_to_prepare_take_no_slot(sweep):
 def test_a_leaving_trial_is_told_before_its_slot_asks_again(sweep):
     """The sampler has seen every result before the next ask: with 2 slots, trial j (j >= 2) is
     asked only once j - 1 trials before it are told (complete in the study)."""
-    two_slots = ["hydra/launcher=fused", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
-    proc = sweep.run(*two_slots, "lr=interval(0.1, 1.0)", "epochs=range(1, 3)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = sweep.trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
-    for t in trials[2:]:
-        told = [u for u in trials if u.datetime_complete <= t.datetime_start]
-        assert len(told) >= t.number - 1, (t.number, [u.number for u in told])
+    check_told_before_asked(sweep, "epochs=range(1, 3)")

@@ -431,6 +431,21 @@ def test_resume_after_sigint_ends_clean_and_a_longer_resume_is_a_new_run(
             "error: Optuna storage mysql://u:***@127.0.0.1/db: its database driver is not installed",
         ),
         (
+            ["-m", "seeds=5000"],
+            {},
+            "error: seeds=5000: 5000 members of batch 256 need about 230.",
+        ),
+        (
+            ["-m", "hydra/launcher=fused", "hydra.sweeper.n_jobs=6000"],
+            {},
+            "error: hydra.sweeper.n_jobs=6000 with seeds=1: 6000 members of batch 256 need about",
+        ),
+        (
+            ["seeds=5000"],
+            {},
+            "error: seeds=5000: 5000 members of batch 256 need about 230.",
+        ),
+        (
             ["+lrr=0.1"],
             {},
             "error: +lrr: no such key in the config, nothing would read it; did you mean lr?",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from lenet_sweep import signals
 from lenet_sweep.core.data import Splits
 from lenet_sweep.core.state import TRAIN_SUMS, StepSpec, eval_sums
 from lenet_sweep.core.train import mixed
@@ -75,6 +76,7 @@ class Epoch:
         self._zero(TRAIN_SUMS)
         for start in range(0, n, B) if starts is None else starts:
             self._step(g.perm[:, start : start + B])
+            signals.check()  # Ctrl-C / SIGTERM between the steps of a long group's epoch
 
     def _cursor_steps(self, steps: int, b: int) -> None:
         """`steps` steps of `b` examples from the cursor on, advancing it: what a graph captures

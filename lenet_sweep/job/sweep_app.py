@@ -43,6 +43,7 @@ class LenetSweepApp(SweepApp):
 
     def check(self, space: dict, group_options) -> None:
         config.check_sweep(self.config, space, group_options)
+        self._check_memory()
         if self.config.resume:
             raise UserError(
                 f"resume={self.config.resume}: a sweep's trials start afresh; a stopped sweep goes "
@@ -61,6 +62,17 @@ class LenetSweepApp(SweepApp):
                 "best's test score is biased upward; tune on val_acc (the validation split)",
                 ",".join(tested),
             )
+
+    def _check_memory(self) -> None:
+        """One group's members (a trial's seeds; with hydra/launcher=fused, its slots) fit."""
+        from lenet_sweep.job.job import check_memory
+
+        cfg, fused = self.config, self.config.hydra.runtime.choices.get("hydra/launcher")
+        members, what = cfg.seeds, f"seeds={cfg.seeds}"
+        if fused == "fused":
+            slots = min(self.settings.n_jobs, cfg.hydra.launcher.max_group or self.settings.n_jobs)
+            members, what = max(slots, cfg.seeds), f"hydra.sweeper.n_jobs={slots} with {what}"
+        check_memory(cfg, config.resolve_device(cfg.device), members, what)
 
     def prepare(self) -> None:
         """The store and the experiment, before any study: a deleted experiment or a store away

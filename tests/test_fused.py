@@ -226,7 +226,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
     for run in children:
         number = int(run.data.tags["optuna.trial_number"])
         t = trials[number]
-        history = client.get_metric_history(run.info.run_id, "test_acc")
+        history = client.get_metric_history(run.info.run_id, "val_acc")  # the objective
         if t.state == TrialState.COMPLETE:
             assert run.info.status == "FINISHED"
             assert [m.step for m in history] == list(range(1, t.params["epochs"] + 1))
@@ -251,7 +251,7 @@ def test_fused_sweep_records_every_trial_as_if_run_alone(sweep):
     assert out.count("examples/sec") == 1 and out.count("mlflow ui ") == 1
     for t in trials:
         assert out.count(f"] trial {t.number} started: lr=") == 1
-        end = "done: test_acc=" if t.state == TrialState.COMPLETE else "failed: "
+        end = "done: val_acc=" if t.state == TrialState.COMPLETE else "failed: "
         assert out.count(f"] trial {t.number} {end}") == 1
 
 

@@ -130,7 +130,7 @@ def test_two_workers_record_through_a_tracking_server(tracking_server, tmp_path,
         assert sorted(int(r.data.tags[protocol.TAG_TRIAL_NUMBER]) for r in children) == [0, 1, 2, 3]
         for run in children:
             trial = trials[int(run.data.tags[protocol.TAG_TRIAL_NUMBER])]
-            history = client.get_metric_history(run.info.run_id, "test_acc")
+            history = client.get_metric_history(run.info.run_id, "val_acc")  # the objective
             assert [m.step for m in history] == list(range(1, trial.params["epochs"] + 1))
             assert history[-1].value == trial.value
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -241,7 +241,7 @@ def test_launcher_runs_trials_in_their_own_processes_and_prunes(sweep, launcher)
     client = tracking_backend.client(sweep.mlflow_uri)
     for run in children:
         trial = trials[int(run.data.tags[protocol.TAG_TRIAL_NUMBER])]
-        history = client.get_metric_history(run.info.run_id, "test_acc")
+        history = client.get_metric_history(run.info.run_id, "val_acc")  # the objective
         assert {m.step: m.value for m in history} == trial.intermediate_values
         if trial.state == TrialState.COMPLETE:  # the value the sweeper got back is the job's
             assert history[-1].value == trial.value

@@ -21,10 +21,10 @@ REPEATED = [
 ]
 
 
-def _seeds_of(run) -> dict[int, float]:
+def _seeds_of(run, metric: str = "test_acc") -> dict[int, float]:
     got = {}
     for key, value in run.data.metrics.items():
-        if m := re.fullmatch(r"seed_(\d+)\.test_acc", key):
+        if m := re.fullmatch(rf"seed_(\d+)\.{metric}", key):
             got[int(m[1])] = value
     return got
 
@@ -42,12 +42,12 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
     client = tracking_backend.client(sweep.mlflow_uri)
     for run in children:
         t = trials[int(run.data.tags["optuna.trial_number"])]
-        seeds = _seeds_of(run)
+        seeds = _seeds_of(run, "val_acc")  # the objective
         assert sorted(seeds) == [42, 43, 44]  # the trial's seed and the next two
         assert t.value == pytest.approx(statistics.fmean(seeds.values()))
-        assert run.data.metrics["test_acc"] == pytest.approx(t.value)
-        assert run.data.metrics["test_acc_std"] == pytest.approx(statistics.pstdev(seeds.values()))
-        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert run.data.metrics["val_acc"] == pytest.approx(t.value)
+        assert run.data.metrics["val_acc_std"] == pytest.approx(statistics.pstdev(seeds.values()))
+        history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == list(range(1, t.params["epochs"] + 1))
         # Pruning sees the mean: the trial's epoch values are the run's (mean) curve.
         assert t.intermediate_values == {m.step: m.value for m in history}
@@ -59,6 +59,7 @@ def test_a_repeated_trial_is_the_mean_of_its_seeds(sweep, launcher):
         f"lr={last.params['lr']}",
         f"epochs={last.params['epochs']}",
         "seed=44",
+        "data.val_size=170",  # the trials' validation split: the same training images
         f"hydra.run.dir={sweep.dir.parent / 'alone'}",
         f"mlflow.tracking_uri=sqlite:///{sweep.dir.parent / 'alone.db'}",
     )

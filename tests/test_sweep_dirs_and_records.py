@@ -1,5 +1,5 @@
-"""A sweep dir belongs to one study, and a killed sweep's parent run is ended by the next start:
-each on real stores (issue 35, findings 5 and 6)."""
+"""A sweep dir belongs to one study, a killed sweep's parent run is ended by the next start, a
+killed refit runs again: each on real stores (issue 35, findings 5 and 6; issue 34, part 2)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,29 @@ def test_a_killed_sweeps_parent_run_is_ended_by_the_next_start(sweep):
     assert single.returncode == 0, single.stderr[-2000:]
     [parent], _ = sweep.runs()
     assert parent.info.status == "KILLED"
+
+
+def test_a_killed_refit_runs_again_and_once(sweep):
+    """kill -9 during the refit: the rerun of the finished study refits (the killed refit's run
+    ended KILLED), and a third run prints the kept answer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = sweep.args("hydra.sweeper.n_trials=2", "epochs=3", "hydra.sweeper.refit_seeds=2")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep", *args], **quiet)
+    deadline = time.time() + 300
+    while not any(r.info.status == "RUNNING" for r in sweep.refits()):
+        assert time.time() < deadline and proc.poll() is None, "no refit began"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "answer: " in rerun.stdout
+    assert sorted(r.info.status for r in sweep.refits()) == ["FINISHED", "KILLED"]
+    again = run_cli(*args)
+    assert "answer (kept from the study's refit)" in again.stdout and len(sweep.refits()) == 2

@@ -128,7 +128,7 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
     page = _browser(base + link, tmp_path / "profile-runs", size, "--dump-dom")
     assert "Run Name" in page and "Traces 0" not in page and "Detect Issues" not in page
     assert "sweep s" in page and "lenet sgd lr=0.9 ep=2 train_size=1024 test_size=256" in page
-    assert "Sort: test_acc" in page and " test_acc train_acc lr epochs " in page
+    assert "Sort: test_acc" in page and " test_acc val_acc train_acc lr epochs " in page
     trained = [r for r in runs if "test_acc" in r.data.metrics]
     shown = sorted(trained, key=lambda r: page.index(f" {r.info.run_name} "))  # top to bottom
     accuracies = [r.data.metrics["test_acc"] for r in shown]

@@ -144,13 +144,13 @@ def test_multi_objective_sweep_records_the_pareto_front(sweep):
     trials = sweep.trials()
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
     _, children = sweep.runs()
-    for trial in trials:  # the values are the child run's test_acc and train_time_s
+    for trial in trials:  # the values are the child run's val_acc and train_time_s
         [child] = [r for r in children if r.data.tags["optuna.trial_number"] == str(trial.number)]
         assert trial.values == pytest.approx(
-            [child.data.metrics["test_acc"], child.data.metrics["train_time_s"]]
+            [child.data.metrics["val_acc"], child.data.metrics["train_time_s"]]
         )
     results = yaml.safe_load((sweep.dir / "optimization_results.yaml").read_text())
-    assert results["objectives"] == {"test_acc": "maximize", "train_time_s": "minimize"}
+    assert results["objectives"] == {"val_acc": "maximize", "train_time_s": "minimize"}
     study = optuna.load_study(study_name=sweep.study_name, storage=sweep.storage)
     front = sorted(t.number for t in study.best_trials)
     assert sorted(s["number"] for s in results["solutions"]) == front

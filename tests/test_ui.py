@@ -141,7 +141,7 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
     assert models.count(" model Ready ") == len(trained)
     assert all(r.info.run_name in models for r in trained) and "lenet-best v1" in models
     _screenshot(models_page, tmp_path, "mlflow-models.png", "1700,500")
-    # Compare the sweep's trials: names, the params that differ, test_acc as the plotted metric.
+    # Compare the sweep's trials: names, the params that differ, val_acc as the plotted metric.
     ids = urllib.parse.quote(json.dumps([r.info.run_id for r in children]))
     compare = f"{base}/#/compare-runs?runs={ids}&experiments=%5B%22{experiment_id}%22%5D"
     page = _browser(compare, tmp_path / "profile-compare")
@@ -150,8 +150,9 @@ def test_mlflow_ui_opens_on_the_runs_and_compares_the_trials(ui, tmp_path):
         assert child.info.run_name in page and re.fullmatch(
             r"t00\d lr=\S+ ep=[12]", child.info.run_name
         )
-    assert "Parameters: epochs lr" in page and "Metrics: test_acc" in page
-    accuracies = [r.data.metrics["test_acc"] for r in children]  # the plot's test_acc axis ends
+    # the plotted metric: a trial's first, its objective (the validation accuracy)
+    assert "Parameters: epochs lr" in page and "Metrics: val_acc" in page
+    accuracies = [r.data.metrics["val_acc"] for r in children]  # the plot's val_acc axis ends
     assert f"{max(accuracies):.5f}" in page and f"{min(accuracies):.5f}" in page
     assert "optimizer.lr" not in page and "sha256" not in page  # no duplicates, no bookkeeping
     _screenshot(compare, tmp_path, "mlflow-compare.png", "1400,1100")

@@ -64,3 +64,10 @@ def check_fits(net, members: int, batch_size: int, examples: int, device, what: 
             f"{what}: {members} members of batch {batch_size} need about {need / gib:.1f} GiB, "
             f"more than the {free / gib:.1f} GiB free on {device}; lower it (or batch_size)"
         )
+
+
+def check_config(cfg, build, device, members: int, what: str) -> None:
+    """`check_fits` for a run's config (`build(cfg, cpu)`: its net and optimizer)."""
+    examples = cfg.data.train_size or cfg.data.num_train
+    net, _ = build(cfg, torch.device("cpu"))
+    check_fits(net, members, cfg.batch_size, examples, device, what)

@@ -80,7 +80,7 @@ class Job:
         device = config.resolve_device(cfg.device)
         if cfg.resume:  # a checkpoint that is not there: told before any store is made
             find_checkpoint(str(cfg.resume))
-        check_memory(cfg, device, cfg.seeds, f"seeds={cfg.seeds}")  # the run's own group
+        memory.check_config(cfg, build_model, device, cfg.seeds, f"seeds={cfg.seeds}")
         uri = backend.resolve_tracking_uri(cfg.mlflow.tracking_uri)
         experiment_id = backend.prepare_experiment(uri, cfg.mlflow.experiment)
         backend.repair_orphaned_runs(uri, experiment_id)
@@ -193,13 +193,6 @@ class Job:
             self.mlrun.set_tags({protocol.TAG_TRIAL_STATE: "COMPLETE"})
             self.link.completed(result.train_time_s + result.eval_time_s)
         return result.metrics()
-
-
-def check_memory(cfg: DictConfig, device, members: int, what: str) -> None:
-    """A group of `members` of this config fits on `device` (lenet_sweep.core.memory)."""
-    examples = cfg.data.train_size or cfg.data.num_train
-    net, _ = build_model(cfg, torch.device("cpu"))
-    memory.check_fits(net, members, cfg.batch_size, examples, device, what)
 
 
 def build_model(cfg: DictConfig, device: torch.device, seed: int | None = None):

@@ -65,14 +65,15 @@ class LenetSweepApp(SweepApp):
 
     def _check_memory(self) -> None:
         """One group's members (a trial's seeds; with hydra/launcher=fused, its slots) fit."""
-        from lenet_sweep.job.job import check_memory
+        from lenet_sweep.core import memory
+        from lenet_sweep.job.job import build_model
 
         cfg, fused = self.config, self.config.hydra.runtime.choices.get("hydra/launcher")
         members, what = cfg.seeds, f"seeds={cfg.seeds}"
         if fused == "fused":
             slots = min(self.settings.n_jobs, cfg.hydra.launcher.max_group or self.settings.n_jobs)
             members, what = max(slots, cfg.seeds), f"hydra.sweeper.n_jobs={slots} with {what}"
-        check_memory(cfg, config.resolve_device(cfg.device), members, what)
+        memory.check_config(cfg, build_model, config.resolve_device(cfg.device), members, what)
 
     def prepare(self) -> None:
         """The store and the experiment, before any study: a deleted experiment or a store away

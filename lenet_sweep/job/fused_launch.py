@@ -39,8 +39,9 @@ class FusedLaunch:
         given = {"engine": None, "submitit": None, "ray": None, **self.workers_on}
         given = SimpleNamespace(**given, max_group=max_group, devices=devices)
         check_knobs(given, FusedLauncherConf, "hydra.launcher.")  # before any study or run
-        if workers.resolve(devices):  # the devices and the engine's package, too
-            workers.check_engine(self.workers_on.get("engine") or "local")
+        engine = self.workers_on.get("engine") or "local"
+        if workers.resolve(devices, here=engine in ("local", "submitit_local")):
+            workers.check_engine(engine)  # the devices, and the engine's package
         self.compose = Composer(hydra_context.config_loader, config_)
         self.open: dict[int, Job] = {}  # prepared jobs not handed back yet: their runs are open
         self.seeds = int(config_.get("seeds", 1))  # seeds a trial trains: the slots it takes

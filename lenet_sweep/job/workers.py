@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 _OWN = ("device=", "hydra.launcher.devices=", "+hydra.launcher.devices=")
 
 
-def resolve(devices) -> list[str]:
-    """`all`: every visible GPU (the CPU where there is none); else the list as given, each a
-    device of this machine (checked here, when the launcher is built: before any study)."""
+def resolve(devices, here: bool = False) -> list[str]:
+    """`all`: every visible GPU (the CPU where there is none); else the list as given; `here`
+    (workers on this host), each a device of this machine. Checked when the launcher is built,
+    before any study; a SLURM job's or a Ray task's GPU is its host's."""
     if devices is None:
         return []
     shown = f"hydra.launcher.devices={_shown(devices)}"
@@ -55,7 +56,8 @@ def resolve(devices) -> list[str]:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(d)):
             raise UserError(f"{shown}: {d} is not cpu, cuda or cuda:N")
         with contextlib.suppress(UserError):  # its own message names `device=`: ours names this
-            resolve_device(d)
+            if here:
+                resolve_device(d)
             continue
         raise UserError(f"{shown}: {d} is not a device here ({_visible()}); use cpu or all")
     return [str(d) for d in ([devices] if isinstance(devices, str) else devices)]
